@@ -1,0 +1,122 @@
+"""The database engine, the per-request session, and table creation."""
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlmodel import Session, SQLModel
+
+import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+logger = logging.getLogger("todo.database")
+
+CONNECT_TIMEOUT_SECONDS = 5
+STATEMENT_TIMEOUT_MS = 15_000
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
+# Neon suspends idle computes after 5 minutes; recycle connections well before that.
+POOL_RECYCLE_SECONDS = 240
+# FastAPI runs sync routes on AnyIO's thread pool (40 threads): one connection each at the most.
+POOL_SIZE = 10
+POOL_MAX_OVERFLOW = 30
+POOL_TIMEOUT_SECONDS = 10
+# Any 64-bit key, the same in every worker: serialises table creation between workers.
+SCHEMA_LOCK_KEY = 7_105_300_117
+
+
+def _sqlite_lower(value: str | None) -> str | None:
+    """Unicode-aware lower(), so SQLite folds case like PostgreSQL does (its own only knows ASCII)."""
+    return value.lower() if isinstance(value, str) else value
+
+
+def _configure_sqlite_connection(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    dbapi_connection.create_function("lower", 1, _sqlite_lower, deterministic=True)
+    # WAL lets readers run beside the writer; busy_timeout makes writers wait for each other.
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
+def create_db_engine(url: URL) -> Engine:
+    """One engine for the process, tuned for the backend behind `url`.
+
+    Every route sends one statement, so connections run in autocommit: no BEGIN, COMMIT or
+    ROLLBACK round trips, and every statement is its own atomic transaction.
+    """
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(
+            url,
+            isolation_level="AUTOCOMMIT",
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+        )
+        event.listen(engine, "connect", _configure_sqlite_connection)
+        return engine
+
+    connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    host = url.host or ""
+    if "-pooler" in host:
+        # Neon's pooler (PgBouncer, transaction mode) cannot keep server-side prepared
+        # statements or startup options across transactions.
+        connect_args["prepare_threshold"] = None
+    else:
+        connect_args["options"] = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+    return create_engine(
+        url,
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=True,
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_MAX_OVERFLOW,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
+        connect_args=connect_args,
+    )
+
+
+def create_tables(engine: Engine) -> None:
+    """Create missing tables and indexes; safe when several workers start at once."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        try:
+            SQLModel.metadata.create_all(connection)
+        finally:
+            if engine.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+
+
+def database_is_reachable(engine: Engine) -> bool:
+    """True when a trivial query succeeds."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception:  # any failure here means "not usable", which is all /health reports
+        logger.warning("database health check failed", exc_info=logger.isEnabledFor(logging.DEBUG))
+        return False
+    return True
+
+
+class Database:
+    """The app's engine, and whether its tables are known to exist yet."""
+
+    def __init__(self, url: URL) -> None:
+        self.engine = create_db_engine(url)
+        self.tables_ready = False
+
+    def ensure_tables(self) -> None:
+        """Create the tables once; until the database is reachable this raises, and is retried."""
+        if not self.tables_ready:
+            create_tables(self.engine)
+            self.tables_ready = True
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session on the app's engine for the length of one request."""
+    database: Database = request.app.state.database
+    database.ensure_tables()
+    with Session(database.engine) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]

@@ -1,0 +1,183 @@
+"""Request and response models, and the error type every route raises."""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from fastapi import HTTPException
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from models import DESCRIPTION_MAX_LENGTH, MAX_TASK_ID, TITLE_MAX_LENGTH, as_utc
+
+
+def storable_text(value: str) -> str:
+    """Reject text that a database cannot store: NUL characters and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (U+0000) characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def utc_datetime(value: datetime) -> datetime:
+    """Bring a date-time to UTC; one without an offset is taken as UTC."""
+    try:
+        return as_utc(value)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX_LENGTH),
+    AfterValidator(storable_text),
+]
+Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX_LENGTH), AfterValidator(storable_text)]
+UTCDateTime = Annotated[datetime, AfterValidator(utc_datetime)]
+SearchText = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX_LENGTH), AfterValidator(storable_text)]
+
+
+def _optional_not_null(schema: dict[str, Any]) -> None:
+    """Document a field that may be left out but not sent as null."""
+    schema.pop("default", None)
+
+
+class TaskCreate(BaseModel):
+    """The body of `POST /tasks`. Server-set fields sent along are ignored."""
+
+    title: Title
+    description: Description | None = None
+    completed: bool = False
+    due_date: UTCDateTime | None = None
+
+
+class TaskUpdate(BaseModel):
+    """The body of `PUT`/`PATCH`: only the fields sent change; `title` and `completed` cannot be null."""
+
+    # The None defaults are never validated, so "left out" stays distinct from an explicit null (a 422).
+    title: Title = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
+    description: Description | None = None
+    completed: bool = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
+    due_date: UTCDateTime | None = None
+
+
+class CompletionUpdate(BaseModel):
+    """The optional body of `PATCH .../complete`: without `completed`, the task is toggled."""
+
+    completed: bool = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
+
+
+class TaskPublic(BaseModel):
+    """A task as the API returns it; every date-time is UTC with an explicit offset."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    due_date: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class TaskStatus(StrEnum):
+    """Which tasks a list shows."""
+
+    all = "all"
+    pending = "pending"
+    completed = "completed"
+
+
+class TaskSort(StrEnum):
+    """What a list is ordered by."""
+
+    created = "created"
+    updated = "updated"
+    title = "title"
+    due_date = "due_date"
+
+
+class SortOrder(StrEnum):
+    """The direction of a list's order."""
+
+    asc = "asc"
+    desc = "desc"
+
+
+class HealthStatus(BaseModel):
+    """The body of `GET /health`."""
+
+    status: Literal["healthy", "unhealthy"]
+    database: Literal["ok", "unreachable"]
+
+
+class ServiceInfo(BaseModel):
+    """The body of `GET /`."""
+
+    message: str
+    version: str
+    docs: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error but a validation error: a human-readable `detail` and a stable `code`."""
+
+    detail: str
+    code: str
+
+
+class ValidationIssue(BaseModel):
+    """One problem with the request, as FastAPI reports it."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """A `422`: FastAPI's usual list of issues, and the code `validation_error`."""
+
+    detail: list[ValidationIssue]
+    code: Literal["validation_error"]
+
+
+class ApiError(HTTPException):
+    """An HTTP error with a stable `code`; raised by routes and dependencies, rendered in `main.py`."""
+
+    def __init__(self, status_code: int, detail: str, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
+        self.code = code
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the given error statuses, each with its error model."""
+    descriptions = {
+        401: "Missing, malformed, expired or badly signed token",
+        403: "The path's user is not the token's user",
+        404: "No such task for this user",
+        413: "Request body over 1 MiB",
+        422: "Invalid query, path or body",
+        503: "Database or signing keys unreachable",
+    }
+    return {
+        code: {
+            "model": ValidationErrorResponse if code == 422 else ErrorResponse,
+            "description": descriptions[code],
+        }
+        for code in status_codes
+    }
+
+
+class TaskListQuery(BaseModel):
+    """The query of `GET /tasks`: filter, order and page."""
+
+    status: TaskStatus = TaskStatus.all
+    sort: TaskSort = TaskSort.created
+    order: SortOrder | None = Field(default=None, description="Default: desc for created/updated, asc for title/due_date")
+    q: SearchText | None = Field(default=None, description="Case-insensitive text inside the title or description")
+    limit: int = Field(default=100, ge=1, le=500)
+    offset: int = Field(default=0, ge=0, le=MAX_TASK_ID)
