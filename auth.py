@@ -27,6 +27,7 @@ JWKS_ALGORITHMS = frozenset({"EdDSA", "ES256", "ES512", "RS256", "PS256"})
 # Which token algorithms a published key may verify, by its type and curve.
 ALGORITHMS_BY_KEY_TYPE: dict[tuple[str, str | None], frozenset[str]] = {
     ("OKP", "Ed25519"): frozenset({"EdDSA"}),
+    ("OKP", "Ed448"): frozenset({"EdDSA"}),
     ("EC", "P-256"): frozenset({"ES256"}),
     ("EC", "P-521"): frozenset({"ES512"}),
     ("RSA", None): frozenset({"RS256", "PS256"}),
@@ -39,7 +40,9 @@ JWKS_MIN_REFETCH_SECONDS = 10.0
 # Cached keys are re-read after this long, so a key Better Auth removed stops working.
 JWKS_MAX_AGE_SECONDS = 300.0
 
-bearer_scheme = HTTPBearer(auto_error=False, description="A JWT from Better Auth, or HS256 signed with BETTER_AUTH_SECRET")
+bearer_scheme = HTTPBearer(
+    auto_error=False, description="A JWT from Better Auth, or HS256 signed with BETTER_AUTH_SECRET"
+)
 
 
 def unauthorized(detail: str, code: str = "invalid_token") -> ApiError:
@@ -47,7 +50,7 @@ def unauthorized(detail: str, code: str = "invalid_token") -> ApiError:
     return ApiError(401, detail, code, headers={"WWW-Authenticate": "Bearer"})
 
 
-class KeySetUnavailable(Exception):
+class KeySetUnavailableError(Exception):
     """The JWKS endpoint could not be read and no cached key fits the token."""
 
 
@@ -110,7 +113,7 @@ class JwksCache:
     def get(self, kid: str) -> SigningKey | None:
         """The key named `kid`, fetching the key set when needed (blocking); None if it has no such key.
 
-        Raises KeySetUnavailable when the key set cannot be read and no cached key fits.
+        Raises KeySetUnavailableError when the key set cannot be read and no cached key fits.
         """
         with self._lock:
             now = time.monotonic()
@@ -123,12 +126,12 @@ class JwksCache:
                     self._keys = self._fetch()
                     self._fetched_at = now
                     self._last_fetch_failed = False
-                except KeySetUnavailable:
+                except KeySetUnavailableError:
                     self._last_fetch_failed = True
             if kid in self._keys:
                 return self._keys[kid]  # possibly stale: better than failing while the key set is down
             if self._last_fetch_failed:
-                raise KeySetUnavailable(self.url)
+                raise KeySetUnavailableError(self.url)
             return None
 
     def _fetch(self) -> dict[str, SigningKey]:
@@ -138,7 +141,7 @@ class JwksCache:
             return parse_jwks(response.json())
         except (httpx.HTTPError, json.JSONDecodeError) as error:
             logger.warning("cannot read the key set at %s: %s", self.url, type(error).__name__)
-            raise KeySetUnavailable(self.url) from error
+            raise KeySetUnavailableError(self.url) from error
 
 
 class TokenVerifier:
@@ -184,7 +187,7 @@ class TokenVerifier:
         if signing_key is None:
             try:
                 signing_key = await run_in_threadpool(self.jwks.get, kid)
-            except KeySetUnavailable:
+            except KeySetUnavailableError:
                 raise ApiError(
                     503,
                     "The signing keys cannot be fetched right now; try again shortly",

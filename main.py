@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import TokenVerifier, bearer_scheme, get_current_user_id, get_token_user_id
@@ -37,6 +38,7 @@ CODES_BY_STATUS = {
     422: "validation_error",
     503: "service_unavailable",
 }
+ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 INTERNAL_ERROR = {"detail": "Internal server error", "code": "internal_error"}
 
@@ -100,7 +102,7 @@ class RequestContextMiddleware:
             )
 
 
-class BodyTooLarge(Exception):
+class BodyTooLargeError(Exception):
     """The request body grew past the limit while it was being read."""
 
 
@@ -131,7 +133,7 @@ class BodySizeLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     exceeded = True
-                    raise BodyTooLarge
+                    raise BodyTooLargeError
             return message
 
         async def send_unless_exceeded(message: Message) -> None:
@@ -146,7 +148,7 @@ class BodySizeLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, send_unless_exceeded)
-        except BodyTooLarge:
+        except BodyTooLargeError:
             if not started:
                 await send_json(send, 413, self.too_large_body, [(b"connection", b"close")])
 
@@ -193,7 +195,19 @@ async def http_error_handler(request: Request, error: StarletteHTTPException) ->
             "validation_error",
         )
     code = error.code if isinstance(error, ApiError) else CODES_BY_STATUS.get(error.status_code, "http_error")
-    return error_response(error.status_code, error.detail, code, error.headers)
+    headers = error.headers
+    if error.status_code == 405:
+        headers = {"Allow": ", ".join(allowed_methods(request))}
+    return error_response(error.status_code, error.detail, code, headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route accepts at this path (Starlette's `Allow` names only the first route's)."""
+    return [
+        method
+        for method in ROUTE_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.routes)
+    ]
 
 
 async def validation_error_handler(request: Request, error: RequestValidationError) -> Response:
@@ -244,7 +258,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             database.ensure_tables()
         except sa_exc.SQLAlchemyError as error:
-            logger.warning("database unreachable at start-up (%s); tables will be created when it is back", type(error).__name__)
+            logger.warning(
+                "database unreachable at start-up (%s); tables will be created when it is back", type(error).__name__
+            )
         yield
         database.engine.dispose()
 

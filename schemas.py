@@ -177,7 +177,9 @@ class TaskListQuery(BaseModel):
 
     status: TaskStatus = TaskStatus.all
     sort: TaskSort = TaskSort.created
-    order: SortOrder | None = Field(default=None, description="Default: desc for created/updated, asc for title/due_date")
+    order: SortOrder | None = Field(
+        default=None, description="Default: desc for created/updated, asc for title/due_date"
+    )
     q: SearchText | None = Field(default=None, description="Case-insensitive text inside the title or description")
     limit: int = Field(default=100, ge=1, le=500)
     offset: int = Field(default=0, ge=0, le=MAX_TASK_ID)

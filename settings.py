@@ -11,6 +11,7 @@ from sqlalchemy.exc import ArgumentError
 
 VERSION = "1.0.0"
 DEFAULT_FRONTEND = "http://localhost:3000"
+MIN_SECRET_LENGTH = 32
 
 # Every spelling of PostgreSQL that Neon, Heroku or an older project may paste, mapped to psycopg 3.
 POSTGRES_DRIVER_ALIASES = {"postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"}
@@ -76,7 +77,7 @@ class Settings(BaseSettings):
         repr=False,  # it may hold a password
         validation_alias=AliasChoices("DATABASE_URL", "NEON_DATABASE_URL"),
     )
-    better_auth_secret: SecretStr | None = Field(default=None, min_length=32)
+    better_auth_secret: SecretStr | None = None
     better_auth_url: str = DEFAULT_FRONTEND
     jwks_url: str | None = None
     jwt_issuer: str | None = None
@@ -95,6 +96,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("better_auth_secret")
+    @classmethod
+    def _check_secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters long")
+        return value
 
     @field_validator("better_auth_url", "jwks_url", "frontend_url")
     @classmethod

@@ -108,8 +108,14 @@ def page_link_header(request: Request, query: TaskListQuery, total: int) -> str 
     responses={
         200: {
             "headers": {
-                "X-Total-Count": {"description": "Matching tasks, ignoring limit/offset", "schema": {"type": "integer"}},
-                "Link": {"description": 'RFC 8288 links to the rel="next" and rel="prev" pages', "schema": {"type": "string"}},
+                "X-Total-Count": {
+                    "description": "Matching tasks, ignoring limit/offset",
+                    "schema": {"type": "integer"},
+                },
+                "Link": {
+                    "description": 'RFC 8288 links to the rel="next" and rel="prev" pages',
+                    "schema": {"type": "string"},
+                },
             }
         }
     },

@@ -17,10 +17,19 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
-
 # The app module reads the environment when imported: give it a harmless one first.
-for variable in ("DATABASE_URL", "NEON_DATABASE_URL", "BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL",
-                 "JWT_ISSUER", "JWT_AUDIENCE", "CORS_ORIGINS", "FRONTEND_URL", "LOG_LEVEL"):
+for variable in (
+    "DATABASE_URL",
+    "NEON_DATABASE_URL",
+    "BETTER_AUTH_SECRET",
+    "BETTER_AUTH_URL",
+    "JWKS_URL",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
+    "CORS_ORIGINS",
+    "FRONTEND_URL",
+    "LOG_LEVEL",
+):
     os.environ.pop(variable, None)
 os.environ["DATABASE_URL"] = "sqlite:///:memory:"
 
@@ -33,6 +42,21 @@ FRONTEND_ORIGIN = "http://localhost:3000"
 DATABASES = ["sqlite"] + (["postgresql"] if os.environ.get("TEST_DATABASE_URL") else [])
 # An unusual, non-whole-hour zone: PostgreSQL sessions answer in it, and the API must still say UTC.
 POSTGRES_SESSION_TIMEZONE = "America/St_Johns"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "postgresql_only: runs only on the PostgreSQL database parameter")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out, rather than skip, the SQLite runs of tests that are about PostgreSQL alone."""
+    kept, left_out = [], []
+    for item in items:
+        on_sqlite = getattr(item, "callspec", None) and item.callspec.params.get("database_url") == "sqlite"
+        (left_out if on_sqlite and item.get_closest_marker("postgresql_only") else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
 
 
 def free_port() -> int:

@@ -45,7 +45,9 @@ class SigningKeyPair:
 
     def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
         """A token with `claims`, its header `{alg, kid}` as Better Auth writes it."""
-        return jwt.encode(claims, self.private_key, algorithm=self.algorithm, headers={"kid": self.kid, **(headers or {})})
+        return jwt.encode(
+            claims, self.private_key, algorithm=self.algorithm, headers={"kid": self.kid, **(headers or {})}
+        )
 
 
 def new_key_pair(algorithm: str, publish_alg: bool = True) -> SigningKeyPair:
@@ -53,7 +55,9 @@ def new_key_pair(algorithm: str, publish_alg: bool = True) -> SigningKeyPair:
     return SigningKeyPair(algorithm, uuid.uuid4().hex, generate_private_key(algorithm), publish_alg)
 
 
-def better_auth_claims(user_id: str, issuer: str, audience: str | None = None, lifetime: int = 900, **extra: Any) -> dict[str, Any]:
+def better_auth_claims(
+    user_id: str, issuer: str, audience: str | None = None, lifetime: int = 900, **extra: Any
+) -> dict[str, Any]:
     """Claims shaped like a Better Auth JWT-plugin token."""
     now = int(time.time())
     return {"sub": user_id, "iss": issuer, "aud": audience or issuer, "iat": now, "exp": now + lifetime, **extra}
@@ -93,7 +97,7 @@ class JwksServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+            def do_GET(self) -> None:
                 owner.requests += 1
                 body = json.dumps({"keys": [key.public_jwk for key in owner.keys]}).encode()
                 ok = self.path == "/api/auth/jwks" and owner.status == 200
