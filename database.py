@@ -39,6 +39,14 @@ def _configure_sqlite_connection(dbapi_connection: sqlite3.Connection, _record: 
     dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
 
+def _use_utc_session(dbapi_connection: Any, _record: Any) -> None:
+    # Timestamps then come back in UTC whatever the server's default zone; PgBouncer (Neon's pooler)
+    # re-applies a client's TimeZone on every server connection it lends, so this holds there too.
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'UTC'")
+    dbapi_connection.commit()
+
+
 def create_db_engine(url: URL) -> Engine:
     """One engine for the process, tuned for the backend behind `url`.
 
@@ -62,7 +70,7 @@ def create_db_engine(url: URL) -> Engine:
         connect_args["prepare_threshold"] = None
     else:
         connect_args["options"] = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
-    return create_engine(
+    engine = create_engine(
         url,
         isolation_level="AUTOCOMMIT",
         pool_pre_ping=True,
@@ -72,6 +80,8 @@ def create_db_engine(url: URL) -> Engine:
         pool_timeout=POOL_TIMEOUT_SECONDS,
         connect_args=connect_args,
     )
+    event.listen(engine, "connect", _use_utc_session)
+    return engine
 
 
 def create_tables(engine: Engine) -> None:
@@ -115,7 +125,8 @@ def get_session(request: Request) -> Iterator[Session]:
     """A session on the app's engine for the length of one request."""
     database: Database = request.app.state.database
     database.ensure_tables()
-    with Session(database.engine) as session:
+    # Routes return what their statement returned: nothing is re-read after a commit.
+    with Session(database.engine, expire_on_commit=False) as session:
         yield session
 
 
