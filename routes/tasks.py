@@ -206,6 +206,7 @@ def patch_task(is_owned: OwnedTaskFilter, changes: TaskUpdate, session: SessionD
 @router.delete(
     "/{task_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
     summary="Delete a task",
     responses=TASK_NOT_FOUND,
 )
