@@ -1,11 +1,12 @@
 """Request and response models, and the error type every route raises."""
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints
 
 from models import DESCRIPTION_MAX_LENGTH, MAX_TASK_ID, TITLE_MAX_LENGTH, as_utc
 
@@ -18,6 +19,16 @@ def storable_text(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+ISO_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def iso_date_time_text(value: object) -> object:
+    """Only ISO 8601 date-time text is a date-time here: not a number, a timestamp string or a bare date."""
+    if value is not None and not (isinstance(value, str) and ISO_DATE_TIME.match(value)):
+        raise ValueError("must be an ISO 8601 date-time such as 2026-12-01T17:00:00Z")
     return value
 
 
@@ -35,7 +46,7 @@ Title = Annotated[
     AfterValidator(storable_text),
 ]
 Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX_LENGTH), AfterValidator(storable_text)]
-UTCDateTime = Annotated[datetime, AfterValidator(utc_datetime)]
+UTCDateTime = Annotated[datetime, BeforeValidator(iso_date_time_text), AfterValidator(utc_datetime)]
 SearchText = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX_LENGTH), AfterValidator(storable_text)]
 
 
@@ -49,7 +60,7 @@ class TaskCreate(BaseModel):
 
     title: Title
     description: Description | None = None
-    completed: bool = False
+    completed: StrictBool = False
     due_date: UTCDateTime | None = None
 
 
@@ -59,14 +70,14 @@ class TaskUpdate(BaseModel):
     # The None defaults are never validated, so "left out" stays distinct from an explicit null (a 422).
     title: Title = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
     description: Description | None = None
-    completed: bool = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
+    completed: StrictBool = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
     due_date: UTCDateTime | None = None
 
 
 class CompletionUpdate(BaseModel):
     """The optional body of `PATCH .../complete`: without `completed`, the task is toggled."""
 
-    completed: bool = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
+    completed: StrictBool = Field(default=None, json_schema_extra=_optional_not_null)  # type: ignore[assignment]
 
 
 class TaskPublic(BaseModel):
@@ -163,11 +174,13 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid query, path or body",
         503: "Database or signing keys unreachable",
     }
+    challenge = {"WWW-Authenticate": {"description": "Always `Bearer`", "schema": {"type": "string"}}}
     return {
         code: {
             "model": ValidationErrorResponse if code == 422 else ErrorResponse,
             "description": descriptions[code],
         }
+        | ({"headers": challenge} if code == 401 else {})
         for code in status_codes
     }
 
