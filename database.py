@@ -1,7 +1,12 @@
 """The database engine, the per-request session, and table creation."""
 
+import contextlib
 import logging
+import os
+import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -16,6 +21,8 @@ logger = logging.getLogger("todo.database")
 
 CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 15_000
+# How long past the statement timeout a silent server is waited for before its connection is cut.
+STALL_MARGIN_SECONDS = 5
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 # Neon suspends idle computes after 5 minutes; recycle connections well before that.
 POOL_RECYCLE_SECONDS = 240
@@ -47,7 +54,86 @@ def _use_utc_session(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
-def create_db_engine(url: URL) -> Engine:
+class StallWatchdog:
+    """Cuts a PostgreSQL connection that has waited on the server past its deadline.
+
+    `statement_timeout` ends slow statements on the server, but a server (or a pooler in front of
+    it) that stops answering altogether cannot enforce it; without this, a worker would wait until
+    TCP gives up, which takes hours. Cutting the socket turns the wait into an error (a 503).
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, tuple[float, int]] = {}  # id(connection) -> (deadline, socket)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self, dbapi_connection: Any, seconds: float) -> None:
+        """`dbapi_connection` now waits on the server, for `seconds` at the most."""
+        with self._lock:
+            self._waiting[id(dbapi_connection)] = (time.monotonic() + seconds, dbapi_connection.pgconn.socket)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="db-stall-watchdog", daemon=True)
+                self._thread.start()
+
+    def stop(self, dbapi_connection: Any) -> None:
+        """`dbapi_connection` has its answer (or its error)."""
+        with self._lock:
+            self._waiting.pop(id(dbapi_connection), None)
+
+    @contextlib.contextmanager
+    def watching(self, dbapi_connection: Any, seconds: float) -> Iterator[None]:
+        """Watch `dbapi_connection` for the duration of the block."""
+        self.start(dbapi_connection, seconds)
+        try:
+            yield
+        finally:
+            self.stop(dbapi_connection)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._lock:
+                for key, (deadline, fd) in list(self._waiting.items()):
+                    if now > deadline:
+                        del self._waiting[key]
+                        logger.warning("cutting a database connection: no answer before its deadline")
+                        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as stalled:
+                            stalled.shutdown(socket.SHUT_RDWR)
+
+
+stall_watchdog = StallWatchdog()
+
+
+def _watch_for_stalls(engine: Engine, statement_deadline: float) -> None:
+    """Put every statement and every pre-ping of `engine` under the stall watchdog."""
+
+    def before_execute(_conn: Any, cursor: Any, *_args: Any) -> None:
+        stall_watchdog.start(cursor.connection, statement_deadline)
+
+    def after_execute(_conn: Any, cursor: Any, *_args: Any) -> None:
+        stall_watchdog.stop(cursor.connection)
+
+    def on_error(context: Any) -> None:
+        cursor = getattr(context, "cursor", None)  # unset for errors outside a statement
+        if cursor is not None:
+            stall_watchdog.stop(cursor.connection)
+
+    event.listen(engine, "before_cursor_execute", before_execute)
+    event.listen(engine, "after_cursor_execute", after_execute)
+    event.listen(engine, "handle_error", on_error)
+
+    # The pool's pre-ping goes straight to the driver, past the events above.
+    ping = engine.dialect.do_ping
+
+    def watched_ping(dbapi_connection: Any) -> bool:
+        with stall_watchdog.watching(dbapi_connection, CONNECT_TIMEOUT_SECONDS):
+            return ping(dbapi_connection)
+
+    engine.dialect.do_ping = watched_ping  # type: ignore[method-assign]
+
+
+def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> Engine:
     """One engine for the process, tuned for the backend behind `url`.
 
     Every route sends one statement, so connections run in autocommit: no BEGIN, COMMIT or
@@ -69,7 +155,7 @@ def create_db_engine(url: URL) -> Engine:
         # statements or startup options across transactions.
         connect_args["prepare_threshold"] = None
     else:
-        connect_args["options"] = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+        connect_args["options"] = f"-c statement_timeout={statement_timeout_ms}"
     engine = create_engine(
         url,
         isolation_level="AUTOCOMMIT",
@@ -81,6 +167,7 @@ def create_db_engine(url: URL) -> Engine:
         connect_args=connect_args,
     )
     event.listen(engine, "connect", _use_utc_session)
+    _watch_for_stalls(engine, statement_timeout_ms / 1000 + STALL_MARGIN_SECONDS)
     return engine
 
 
@@ -110,8 +197,8 @@ def database_is_reachable(engine: Engine) -> bool:
 class Database:
     """The app's engine, and whether its tables are known to exist yet."""
 
-    def __init__(self, url: URL) -> None:
-        self.engine = create_db_engine(url)
+    def __init__(self, url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
+        self.engine = create_db_engine(url, statement_timeout_ms)
         self.tables_ready = False
 
     def ensure_tables(self) -> None:

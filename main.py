@@ -245,7 +245,6 @@ def configure_logging(level: str) -> None:
 def create_app(settings: Settings) -> FastAPI:
     """Assemble the service for `settings`: database, token verification, middleware, handlers, routes."""
     configure_logging(settings.log_level)
-    database = Database(settings.database)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -256,13 +255,13 @@ def create_app(settings: Settings) -> FastAPI:
             "enabled" if settings.better_auth_secret else "disabled",
         )
         try:
-            database.ensure_tables()
+            app.state.database.ensure_tables()
         except sa_exc.SQLAlchemyError as error:
             logger.warning(
                 "database unreachable at start-up (%s); tables will be created when it is back", type(error).__name__
             )
         yield
-        database.engine.dispose()
+        app.state.database.engine.dispose()
 
     app = FastAPI(
         title="Todo API",
@@ -270,7 +269,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Each user's tasks, behind Better Auth tokens. See the contract in the README.",
         lifespan=lifespan,
     )
-    app.state.database = database
+    app.state.database = Database(settings.database)
     app.state.token_verifier = TokenVerifier(settings)
 
     app.add_middleware(BodySizeLimitMiddleware)

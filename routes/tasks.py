@@ -41,6 +41,7 @@ DEFAULT_ORDER = {
     TaskSort.due_date: SortOrder.asc,
 }
 TASK_NOT_FOUND = error_responses(404)
+MAX_TASK_ID_DIGITS = len(str(MAX_TASK_ID))
 
 
 def task_not_found() -> ApiError:
@@ -50,12 +51,16 @@ def task_not_found() -> ApiError:
 
 def get_owned_task_filter(
     user_id: CurrentUserId,
-    task_id: Annotated[int, Path(description="The task's id")],
+    task_id: Annotated[str, Path(pattern=r"^-?[0-9]+$", description="The task's id (an integer)")],
 ) -> ColumnElement[bool]:
-    """A filter matching exactly this user's task `task_id`; 404 at once for an id no task can have."""
-    if not 1 <= task_id <= MAX_TASK_ID:
+    """A filter matching exactly this user's task `task_id`; 404 at once for an id no task can have.
+
+    The id is taken as digits, not parsed by pydantic, because an integer of any length (even past
+    the 4300 digits Python parses by default) is a 404, not a 422.
+    """
+    if len(task_id) > MAX_TASK_ID_DIGITS or not 1 <= int(task_id) <= MAX_TASK_ID:
         raise task_not_found()
-    return and_(Task.id == task_id, Task.user_id == user_id)
+    return and_(Task.id == int(task_id), Task.user_id == user_id)
 
 
 OwnedTaskFilter = Annotated[ColumnElement[bool], Depends(get_owned_task_filter)]
