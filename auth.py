@@ -39,6 +39,8 @@ JWKS_FETCH_TIMEOUT_SECONDS = 5.0
 JWKS_MIN_REFETCH_SECONDS = 10.0
 # Cached keys are re-read after this long, so a key Better Auth removed stops working.
 JWKS_MAX_AGE_SECONDS = 300.0
+# Tokens already verified, remembered until they expire: a client sends the same token many times.
+VERIFIED_TOKENS_KEPT = 4096
 
 bearer_scheme = HTTPBearer(
     auto_error=False, description="A JWT from Better Auth, or HS256 signed with BETTER_AUTH_SECRET"
@@ -144,8 +146,22 @@ class JwksCache:
             raise KeySetUnavailableError(self.url) from error
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """What a verified token proved: its user, until when, and with which published key (if any)."""
+
+    user_id: str
+    valid_until: float
+    kid: str | None
+
+
 class TokenVerifier:
-    """Turns a bearer token into the id of the user it was issued to, or raises a 401."""
+    """Turns a bearer token into the id of the user it was issued to, or raises a 401.
+
+    A token that passed once is remembered until its `exp` (plus the leeway), so a client's next
+    requests cost a dictionary lookup instead of a signature check; a JWKS token is remembered only
+    while its key is still published.
+    """
 
     def __init__(self, settings: Settings, jwks: JwksCache | None = None) -> None:
         secret = settings.better_auth_secret
@@ -155,9 +171,15 @@ class TokenVerifier:
         self.jwks_audience = _with_and_without_slash(settings.expected_audience)
         self.hs256_issuer = settings.jwt_issuer
         self.hs256_audience = settings.jwt_audience
+        self._verified: dict[str, VerifiedToken] = {}  # used from the event loop only
 
     async def user_id(self, token: str) -> str:
         """The verified token's user (`sub`, else `user_id`)."""
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() <= known.valid_until and (known.kid is None or self.jwks.cached(known.kid)):
+                return known.user_id
+            del self._verified[token]
         if len(token) > MAX_TOKEN_LENGTH:
             raise unauthorized("Invalid authentication token")
         try:
@@ -165,6 +187,7 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise unauthorized("Invalid authentication token") from None
         algorithm = header.get("alg")
+        kid = None
         if algorithm == "HS256" and self.shared_secret:
             claims = _decode(
                 token,
@@ -174,11 +197,19 @@ class TokenVerifier:
                 audience=self.hs256_audience,
             )
         elif algorithm in JWKS_ALGORITHMS:
-            signing_key = await self._signing_key(header.get("kid"), algorithm)
+            kid = header.get("kid")
+            signing_key = await self._signing_key(kid, algorithm)
             claims = _decode(token, signing_key.key, algorithm, issuer=self.jwks_issuer, audience=self.jwks_audience)
         else:
             raise unauthorized("Unsupported token algorithm")
-        return _subject(claims)
+        user_id = _subject(claims)
+        self._remember(token, VerifiedToken(user_id, claims["exp"] + CLOCK_LEEWAY_SECONDS, kid))
+        return user_id
+
+    def _remember(self, token: str, verified: VerifiedToken) -> None:
+        if len(self._verified) >= VERIFIED_TOKENS_KEPT:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = verified
 
     async def _signing_key(self, kid: Any, algorithm: str) -> SigningKey:
         if not isinstance(kid, str) or not kid:
@@ -244,10 +275,7 @@ def _subject(claims: dict[str, Any]) -> str:
         raise unauthorized("Token has no valid user (sub)") from None
 
 
-async def get_token_user_id(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> str:
+async def token_user_id(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str:
     """The user the request's bearer token was issued to; 401 when there is no valid token."""
     if credentials is None:
         raise unauthorized("Not authenticated", "not_authenticated")
@@ -255,17 +283,15 @@ async def get_token_user_id(
     return await verifier.user_id(credentials.credentials)
 
 
-TokenUserId = Annotated[str, Depends(get_token_user_id)]
-
-
 async def get_current_user_id(
+    request: Request,
     user_id: Annotated[str, Path(description="The user whose tasks these are: must be the token's user")],
-    token_user_id: TokenUserId,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> str:
     """The path's user, once the token proves the caller is that user (401, then 403)."""
-    if user_id != token_user_id:
+    if user_id != await token_user_id(request, credentials):
         raise ApiError(403, "You can only access your own tasks", "forbidden")
-    return token_user_id
+    return user_id
 
 
 CurrentUserId = Annotated[str, Depends(get_current_user_id)]

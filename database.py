@@ -7,10 +7,11 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
 from sqlmodel import Session, SQLModel
@@ -26,9 +27,10 @@ STALL_MARGIN_SECONDS = 5
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 # Neon suspends idle computes after 5 minutes; recycle connections well before that.
 POOL_RECYCLE_SECONDS = 240
-# FastAPI runs sync routes on AnyIO's thread pool (40 threads): one connection each at the most.
-POOL_SIZE = 10
-POOL_MAX_OVERFLOW = 30
+# FastAPI runs sync routes on AnyIO's thread pool (40 threads): one connection each at the most,
+# all kept open, since opening one (a PostgreSQL backend, TLS, SET TIME ZONE) costs more than a request.
+POOL_SIZE = 40
+POOL_MAX_OVERFLOW = 0
 POOL_TIMEOUT_SECONDS = 10
 # Any 64-bit key, the same in every worker: serialises table creation between workers.
 SCHEMA_LOCK_KEY = 7_105_300_117
@@ -148,13 +150,12 @@ def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS)
         event.listen(engine, "connect", _configure_sqlite_connection)
         return engine
 
-    connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-    host = url.host or ""
-    if "-pooler" in host:
-        # Neon's pooler (PgBouncer, transaction mode) cannot keep server-side prepared
-        # statements or startup options across transactions.
-        connect_args["prepare_threshold"] = None
-    else:
+    # No server-side prepared statements: psycopg's bookkeeping for them costs more CPU here than
+    # they save the server on these small statements, and Neon's pooler (PgBouncer in transaction
+    # mode) could not keep them anyway.
+    connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "prepare_threshold": None}
+    if "-pooler" not in (url.host or ""):
+        # The pooler cannot pass startup options on; elsewhere, no statement may pin a worker.
         connect_args["options"] = f"-c statement_timeout={statement_timeout_ms}"
     engine = create_engine(
         url,
@@ -208,13 +209,22 @@ class Database:
             self.tables_ready = True
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """A session on the app's engine for the length of one request."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session on the app's engine for one request.
+
+    Opening and closing it does no I/O: the session checks a connection out only when the route (in
+    its worker thread) runs a statement, and routes end with `commit()`, which hands it back to the
+    pool. So this runs on the event loop instead of costing two thread-pool hops per request.
+    """
     database: Database = request.app.state.database
-    database.ensure_tables()
+    if not database.tables_ready:
+        await run_in_threadpool(database.ensure_tables)
     # Routes return what their statement returned: nothing is re-read after a commit.
-    with Session(database.engine, expire_on_commit=False) as session:
+    session = Session(database.engine, expire_on_commit=False)
+    try:
         yield session
+    finally:
+        session.close()  # a no-op unless the route failed midway (autocommit: nothing to roll back)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

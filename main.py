@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth import TokenVerifier, bearer_scheme, get_current_user_id, get_token_user_id
+from auth import TokenVerifier, bearer_scheme, get_current_user_id
 from database import Database
 from routes import health, tasks
 from schemas import ApiError
@@ -179,8 +179,7 @@ async def auth_error_first(request: Request) -> Response | None:
     if "user_id" not in request.path_params:
         return None
     try:
-        token_user_id = await get_token_user_id(request, await bearer_scheme(request))
-        await get_current_user_id(request.path_params["user_id"], token_user_id)
+        await get_current_user_id(request, request.path_params["user_id"], await bearer_scheme(request))
     except ApiError as error:
         return error_response(error.status_code, error.detail, error.code, error.headers)
     return None
@@ -291,8 +290,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_exception_handler(unavailable, database_unavailable_handler)
     app.add_exception_handler(sa_exc.DataError, unstorable_value_handler)
 
+    app.include_router(tasks.router)  # first: routes are matched in order, and these take the traffic
     app.include_router(health.router)
-    app.include_router(tasks.router)
     return app
 
 

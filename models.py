@@ -17,6 +17,8 @@ DESCRIPTION_MAX_LENGTH = 1000
 
 def as_utc(value: datetime) -> datetime:
     """The same instant as an aware UTC datetime; a naive value is taken to be UTC already."""
+    if value.tzinfo is UTC:  # the common case (PostgreSQL sessions run in UTC): nothing to do
+        return value
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)

@@ -1,10 +1,11 @@
 """The task routes: every one acts only on the token's user's tasks."""
 
-from typing import Annotated
+from functools import cache
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, status
-from sqlalchemy import ColumnElement, and_, delete, func, not_, or_, update
-from sqlmodel import select
+from pydantic import TypeAdapter
+from sqlalchemy import Row, Select, and_, bindparam, delete, func, insert, not_, or_, select, update
 
 from auth import CurrentUserId
 from database import SessionDep
@@ -28,11 +29,35 @@ router = APIRouter(
     responses=error_responses(401, 403, 422, 503),
 )
 
+# Routes work on the table's rows, not ORM objects: a task is read only to be serialised, so there is
+# nothing for the ORM to track. Statements are built once, with bound parameters, not per request.
+tasks = Task.__table__
+column = tasks.c
+TASK_COLUMNS = tuple(tasks.columns)
+
+# The one rule for every single-task statement: this id, and this user's.
+IS_OWNED = and_(column.id == bindparam("task_id"), column.user_id == bindparam("owner_id"))
+READ_TASK = select(*TASK_COLUMNS).where(IS_OWNED)
+TOGGLE_TASK = (
+    update(tasks)
+    .where(IS_OWNED)
+    .values(completed=not_(column.completed), updated_at=bindparam("now"))
+    .returning(*TASK_COLUMNS)
+)
+SET_COMPLETED = (
+    update(tasks)
+    .where(IS_OWNED)
+    .values(completed=bindparam("new_completed"), updated_at=bindparam("now"))
+    .returning(*TASK_COLUMNS)
+)
+DELETE_TASK = delete(tasks).where(IS_OWNED).returning(column.id)
+CREATE_TASK = insert(tasks).returning(*TASK_COLUMNS)
+
 SORT_KEYS = {
-    TaskSort.created: Task.created_at,
-    TaskSort.updated: Task.updated_at,
-    TaskSort.title: func.lower(Task.title),
-    TaskSort.due_date: Task.due_date,
+    TaskSort.created: column.created_at,
+    TaskSort.updated: column.updated_at,
+    TaskSort.title: func.lower(column.title),
+    TaskSort.due_date: column.due_date,
 }
 DEFAULT_ORDER = {
     TaskSort.created: SortOrder.desc,
@@ -41,6 +66,7 @@ DEFAULT_ORDER = {
     TaskSort.due_date: SortOrder.asc,
 }
 TASK_NOT_FOUND = error_responses(404)
+TASK_LIST = TypeAdapter(list[TaskPublic])
 MAX_TASK_ID_DIGITS = len(str(MAX_TASK_ID))
 
 
@@ -49,49 +75,77 @@ def task_not_found() -> ApiError:
     return ApiError(404, "Task not found", "task_not_found")
 
 
-def get_owned_task_filter(
+async def get_owned_task(
     user_id: CurrentUserId,
     task_id: Annotated[str, Path(pattern=r"^-?[0-9]+$", description="The task's id (an integer)")],
-) -> ColumnElement[bool]:
-    """A filter matching exactly this user's task `task_id`; 404 at once for an id no task can have.
+) -> dict[str, object]:
+    """The parameters of `IS_OWNED` for this user's task `task_id`; 404 at once for an id no task can have.
 
     The id is taken as digits, not parsed by pydantic, because an integer of any length (even past
     the 4300 digits Python parses by default) is a 404, not a 422.
     """
     if len(task_id) > MAX_TASK_ID_DIGITS or not 1 <= int(task_id) <= MAX_TASK_ID:
         raise task_not_found()
-    return and_(Task.id == int(task_id), Task.user_id == user_id)
+    return {"task_id": int(task_id), "owner_id": user_id}
 
 
-OwnedTaskFilter = Annotated[ColumnElement[bool], Depends(get_owned_task_filter)]
+OwnedTask = Annotated[dict[str, object], Depends(get_owned_task)]
 
 
-def found(task: Task | None) -> Task:
+def as_json(
+    content: TaskPublic | list[TaskPublic], status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """The task(s) as a ready JSON response.
+
+    Returning a Response spares FastAPI validating again the model the route just built, which for
+    a sync route would also cost a second trip through the thread pool. The routes' `response_model`
+    still documents the body.
+    """
+    body = content.model_dump_json() if isinstance(content, TaskPublic) else TASK_LIST.dump_json(content)
+    return Response(body, status_code, headers, media_type="application/json")
+
+
+def found(row: Row | None) -> TaskPublic:
     """The task a statement matched, or 404."""
-    if task is None:
+    if row is None:
         raise task_not_found()
-    return task
+    return TaskPublic.model_validate(row)
 
 
-def list_filter(user_id: str, query: TaskListQuery) -> ColumnElement[bool]:
-    """The tasks a list query matches."""
-    conditions = [Task.user_id == user_id]
-    if query.status is not TaskStatus.all:
-        conditions.append(Task.completed.is_(query.status is TaskStatus.completed))
-    if query.q:
-        pattern = "%" + query.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        conditions.append(or_(Task.title.ilike(pattern, escape="\\"), Task.description.ilike(pattern, escape="\\")))
-    return and_(*conditions)
+@cache
+def list_statements(
+    status: TaskStatus, sort: TaskSort, order: SortOrder, searching: bool
+) -> tuple[Select[Any], Select[Any]]:
+    """The page and the count statements of one kind of list query, built once.
 
-
-def list_order(query: TaskListQuery) -> list[ColumnElement[object]]:
-    """A total order: the sort key (tasks without a due date last), then the id, same direction."""
-    descending = (query.order or DEFAULT_ORDER[query.sort]) is SortOrder.desc
-    key = SORT_KEYS[query.sort]
-    primary = key.desc() if descending else key.asc()
-    if query.sort is TaskSort.due_date:
+    Parameters: `owner_id`, `pattern` (when searching), `limit`, `offset`. The order is total: the
+    sort key (tasks without a due date last), then the id, in the same direction.
+    """
+    conditions = [column.user_id == bindparam("owner_id")]
+    if status is not TaskStatus.all:
+        conditions.append(column.completed.is_(status is TaskStatus.completed))
+    if searching:
+        pattern = bindparam("pattern")
+        conditions.append(or_(column.title.ilike(pattern, escape="\\"), column.description.ilike(pattern, escape="\\")))
+    matches = and_(*conditions)
+    key = SORT_KEYS[sort]
+    primary = key.desc() if order is SortOrder.desc else key.asc()
+    if sort is TaskSort.due_date:
         primary = primary.nulls_last()
-    return [primary, Task.id.desc() if descending else Task.id.asc()]
+    tiebreak = column.id.desc() if order is SortOrder.desc else column.id.asc()
+    page = (
+        select(*TASK_COLUMNS, func.count().over().label("total"))
+        .where(matches)
+        .order_by(primary, tiebreak)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+    return page, select(func.count()).select_from(tasks).where(matches)
+
+
+def search_pattern(text: str) -> str:
+    """A LIKE pattern matching `text` literally anywhere."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def page_link_header(request: Request, query: TaskListQuery, total: int) -> str | None:
@@ -109,6 +163,7 @@ def page_link_header(request: Request, query: TaskListQuery, total: int) -> str 
 
 @router.get(
     "",
+    response_model=list[TaskPublic],
     summary="List the user's tasks",
     responses={
         200: {
@@ -130,33 +185,31 @@ def list_tasks(
     query: Annotated[TaskListQuery, Query()],
     session: SessionDep,
     request: Request,
-    response: Response,
-) -> list[TaskPublic]:
+) -> Response:
     """One page of the user's tasks, with the total in `X-Total-Count`, in one query."""
-    matches = list_filter(user_id, query)
-    statement = (
-        select(Task, func.count().over().label("total"))
-        .where(matches)
-        .order_by(*list_order(query))
-        .limit(query.limit)
-        .offset(query.offset)
-    )
-    rows = session.exec(statement).all()
+    order = query.order or DEFAULT_ORDER[query.sort]
+    page, count = list_statements(query.status, query.sort, order, bool(query.q))
+    params = {"owner_id": user_id, "limit": query.limit, "offset": query.offset}
+    if query.q:
+        params["pattern"] = search_pattern(query.q)
+    rows = session.exec(page, params=params).all()
     if rows:
         total = rows[0].total
     elif query.offset == 0:
         total = 0
     else:  # past the last page: the window count has no row to ride on
-        total = session.exec(select(func.count()).select_from(Task).where(matches)).one()
-    response.headers["X-Total-Count"] = str(total)
+        total = session.exec(count, params=params).scalar_one()
+    session.commit()
+    headers = {"X-Total-Count": str(total)}
     if link := page_link_header(request, query, total):
-        response.headers["Link"] = link
-    return [TaskPublic.model_validate(row.Task) for row in rows]
+        headers["Link"] = link
+    return as_json([TaskPublic.model_validate(row) for row in rows], headers=headers)
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
+    response_model=TaskPublic,
     summary="Create a task",
     responses={
         201: {"headers": {"Location": {"description": "The new task's URL", "schema": {"type": "string"}}}},
@@ -168,44 +221,55 @@ def create_task(
     new_task: TaskCreate,
     session: SessionDep,
     request: Request,
-    response: Response,
-) -> TaskPublic:
+) -> Response:
     """Store a new task for the user; its URL is in `Location`."""
     now = utc_now()
-    task = Task(**new_task.model_dump(), user_id=user_id, created_at=now, updated_at=now)
-    session.add(task)
+    values = new_task.model_dump() | {"user_id": user_id, "created_at": now, "updated_at": now}
+    task = TaskPublic.model_validate(session.exec(CREATE_TASK, params=values).one())
     session.commit()
-    response.headers["Location"] = str(request.url_for("read_task", user_id=user_id, task_id=task.id))
-    return TaskPublic.model_validate(task)
+    location = str(request.url_for("read_task", user_id=user_id, task_id=task.id))
+    return as_json(task, status.HTTP_201_CREATED, {"Location": location})
 
 
-@router.get("/{task_id}", summary="Get one task", responses=TASK_NOT_FOUND)
-def read_task(is_owned: OwnedTaskFilter, session: SessionDep) -> TaskPublic:
+@router.get("/{task_id}", response_model=TaskPublic, summary="Get one task", responses=TASK_NOT_FOUND)
+def read_task(owned: OwnedTask, session: SessionDep) -> Response:
     """The user's task."""
-    return TaskPublic.model_validate(found(session.exec(select(Task).where(is_owned)).first()))
+    row = session.exec(READ_TASK, params=owned).one_or_none()
+    session.commit()
+    return as_json(found(row))
 
 
-def apply_changes(is_owned: ColumnElement[bool], changes: TaskUpdate, session: SessionDep) -> TaskPublic:
+def apply_changes(owned: OwnedTask, changes: TaskUpdate, session: SessionDep) -> Response:
     """Change only the fields sent, in one statement; `updated_at` moves only when something is sent."""
     values = changes.model_dump(exclude_unset=True)
     if not values:
-        return read_task(is_owned, session)
-    statement = update(Task).where(is_owned).values(**values, updated_at=utc_now()).returning(Task)
-    task = found(session.exec(statement).scalar_one_or_none())
+        return read_task(owned, session)
+    statement = update(tasks).where(IS_OWNED).values(**values, updated_at=utc_now()).returning(*TASK_COLUMNS)
+    row = session.exec(statement, params=owned).one_or_none()
     session.commit()
-    return TaskPublic.model_validate(task)
+    return as_json(found(row))
 
 
-@router.put("/{task_id}", summary="Update a task (only the fields sent)", responses=error_responses(404, 413))
-def replace_task(is_owned: OwnedTaskFilter, changes: TaskUpdate, session: SessionDep) -> TaskPublic:
+@router.put(
+    "/{task_id}",
+    response_model=TaskPublic,
+    summary="Update a task (only the fields sent)",
+    responses=error_responses(404, 413),
+)
+def replace_task(owned: OwnedTask, changes: TaskUpdate, session: SessionDep) -> Response:
     """Change the fields sent; the server-set fields never change."""
-    return apply_changes(is_owned, changes, session)
+    return apply_changes(owned, changes, session)
 
 
-@router.patch("/{task_id}", summary="Update a task (only the fields sent)", responses=error_responses(404, 413))
-def patch_task(is_owned: OwnedTaskFilter, changes: TaskUpdate, session: SessionDep) -> TaskPublic:
+@router.patch(
+    "/{task_id}",
+    response_model=TaskPublic,
+    summary="Update a task (only the fields sent)",
+    responses=error_responses(404, 413),
+)
+def patch_task(owned: OwnedTask, changes: TaskUpdate, session: SessionDep) -> Response:
     """Change the fields sent; the server-set fields never change."""
-    return apply_changes(is_owned, changes, session)
+    return apply_changes(owned, changes, session)
 
 
 @router.delete(
@@ -215,26 +279,32 @@ def patch_task(is_owned: OwnedTaskFilter, changes: TaskUpdate, session: SessionD
     summary="Delete a task",
     responses=TASK_NOT_FOUND,
 )
-def delete_task(is_owned: OwnedTaskFilter, session: SessionDep) -> None:
+def delete_task(owned: OwnedTask, session: SessionDep) -> None:
     """Remove the user's task for good."""
-    found(session.exec(delete(Task).where(is_owned).returning(Task.id)).scalar_one_or_none())
+    deleted = session.exec(DELETE_TASK, params=owned).one_or_none()
     session.commit()
+    if deleted is None:
+        raise task_not_found()
 
 
 @router.patch(
     "/{task_id}/complete",
+    response_model=TaskPublic,
     summary="Toggle a task's completion, or set it",
     responses=error_responses(404, 413),
 )
 def complete_task(
-    is_owned: OwnedTaskFilter,
+    owned: OwnedTask,
     session: SessionDep,
     completion: Annotated[CompletionUpdate | None, Body()] = None,
-) -> TaskPublic:
+) -> Response:
     """Without a body, flip `completed` atomically in the database; with `{"completed": b}`, set it."""
     sent = completion.model_dump(exclude_unset=True) if completion else {}
-    new_value = sent.get("completed", not_(Task.completed))
-    statement = update(Task).where(is_owned).values(completed=new_value, updated_at=utc_now()).returning(Task)
-    task = found(session.exec(statement).scalar_one_or_none())
+    if "completed" in sent:
+        row = session.exec(
+            SET_COMPLETED, params=owned | {"new_completed": sent["completed"], "now": utc_now()}
+        ).one_or_none()
+    else:
+        row = session.exec(TOGGLE_TASK, params=owned | {"now": utc_now()}).one_or_none()
     session.commit()
-    return TaskPublic.model_validate(task)
+    return as_json(found(row))
