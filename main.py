@@ -5,7 +5,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -48,7 +48,7 @@ def error_body(detail: Any, code: str) -> bytes:
     return json.dumps({"detail": detail, "code": code}, separators=(",", ":")).encode()
 
 
-async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+async def send_json(send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Send a complete JSON response straight from middleware."""
     await send(
         {

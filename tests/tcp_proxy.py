@@ -6,7 +6,11 @@ import threading
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; `stop()` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:<port> to a target; `stop()` drops every connection and refuses new ones.
+
+    Setting `stalled` makes it go silent instead: connections stay open but nothing gets through,
+    as with a frozen database host or a network partition behind a load balancer.
+    """
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -14,6 +18,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.stalled = threading.Event()
 
     def start(self) -> None:
         """Accept connections (on the same port as before, after a `stop`)."""
@@ -56,11 +61,11 @@ class TcpProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self.stalled.is_set():
+                    sink.sendall(data)
         except OSError:
             pass
         finally:

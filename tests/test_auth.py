@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from auth import JwksCache, SigningKey, TokenVerifier
+from auth import CLOCK_LEEWAY_SECONDS, JwksCache, SigningKey, TokenVerifier
 from main import create_app
 from schemas import ApiError
 from settings import Settings
@@ -932,6 +932,18 @@ def test_removed_key_stops_working_after_the_cache_max_age(key_set: JwksServer, 
     error = refusal(verifier, token)
     assert (error.status_code, error.code) == (401, "invalid_token")
     assert error.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_a_token_accepted_once_is_still_refused_once_it_expires(
+    key_set: JwksServer, token_for: TokenFor, user_id: str
+) -> None:
+    """Verified tokens are remembered, but never past their `exp` (plus the clock leeway)."""
+    verifier = verifier_for(key_set)
+    nearly_expired = token_for(user_id, exp=int(time.time()) - CLOCK_LEEWAY_SECONDS + 2)
+    assert verify(verifier, nearly_expired) == user_id  # within the leeway: accepted, and remembered
+    assert wait_until(lambda: not accepts(verifier, nearly_expired))
+    error = refusal(verifier, nearly_expired)
+    assert (error.status_code, error.code) == (401, "token_expired")
 
 
 def test_unknown_kids_fetch_at_most_once_per_refetch_interval(key_set: JwksServer, user_id: str) -> None:

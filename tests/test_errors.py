@@ -109,3 +109,16 @@ def test_unexpected_error_is_a_bare_500(settings: Settings, serve: Callable) -> 
         assert "secret" not in response.text and "Traceback" not in response.text
         assert response.headers["x-request-id"]
         assert http.get("/health").status_code == 200  # and it keeps serving
+
+
+def test_front_door_names_the_service_and_its_docs(client: httpx.Client) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.json() == {"message": "Todo API", "version": "1.0.0", "docs": "/docs"}
+    assert client.get(response.json()["docs"]).status_code == 200
+
+
+def test_health_needs_no_token_and_reports_the_database(client: httpx.Client) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "healthy", "database": "ok"}

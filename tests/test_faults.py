@@ -180,27 +180,6 @@ class SilentListener:
                 self._accepted.append(self._listener.accept()[0])
 
 
-class StallingProxy(TcpProxy):
-    """A TcpProxy that can go silent: after `stall()` connections stay open but nothing gets through,
-    as with a frozen database host or a network partition behind a load balancer."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        super().__init__(target_host, target_port)
-        self.stalled = threading.Event()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
-        try:
-            while data := source.recv(65536):
-                if not self.stalled.is_set():
-                    sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-
-
 def proxied(database_url: str, proxy: TcpProxy) -> str:
     """The database URL, reached through `proxy` (started here)."""
     proxy.start()
@@ -468,17 +447,17 @@ def test_statement_stuck_behind_a_lock_ends_in_503_and_frees_the_worker(
 
 
 @pytest.fixture
-def stalling_proxy(database_url: str) -> Iterator[StallingProxy]:
+def stalling_proxy(database_url: str) -> Iterator[TcpProxy]:
     """A proxy in front of this run's PostgreSQL that the test can make go silent."""
     url = make_url(database_url)
-    proxy = StallingProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     yield proxy
     proxy.stop()
 
 
 def test_database_that_stops_answering_on_open_connections_is_503_not_a_hang(
     database_url: str,
-    stalling_proxy: StallingProxy,
+    stalling_proxy: TcpProxy,
     jwks_server: JwksServer,
     serve: Serve,
     auth: Auth,
