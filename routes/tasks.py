@@ -114,7 +114,7 @@ def found(row: Row | None) -> TaskPublic:
 
 @cache
 def list_statements(
-    status: TaskStatus, sort: TaskSort, order: SortOrder, searching: bool
+    shown: TaskStatus, sort: TaskSort, order: SortOrder, searching: bool
 ) -> tuple[Select[Any], Select[Any]]:
     """The page and the count statements of one kind of list query, built once.
 
@@ -122,8 +122,8 @@ def list_statements(
     sort key (tasks without a due date last), then the id, in the same direction.
     """
     conditions = [column.user_id == bindparam("owner_id")]
-    if status is not TaskStatus.all:
-        conditions.append(column.completed.is_(status is TaskStatus.completed))
+    if shown is not TaskStatus.all:
+        conditions.append(column.completed.is_(shown is TaskStatus.completed))
     if searching:
         pattern = bindparam("pattern")
         conditions.append(or_(column.title.ilike(pattern, escape="\\"), column.description.ilike(pattern, escape="\\")))

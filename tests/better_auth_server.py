@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,51 +14,17 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import free_port
+from tests.npm import ensure_node_modules
+
 APP_DIR = Path(__file__).resolve().parent / "better_auth"
 READY_TIMEOUT = 60.0
-INSTALL_TIMEOUT = 600.0
 HTTP_TIMEOUT = 30.0
-_STAMP = ".interop-lock.sha256"
 
 
 def node_available() -> bool:
     """True when both `node` and `npm` are on PATH."""
     return shutil.which("node") is not None and shutil.which("npm") is not None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_node_modules() -> None:
-    """Run `npm ci` (or `npm install` without a lock) unless node_modules matches the lock."""
-    lock = APP_DIR / "package-lock.json"
-    spec = lock if lock.exists() else APP_DIR / "package.json"
-    digest = hashlib.sha256(spec.read_bytes()).hexdigest()
-    stamp = APP_DIR / "node_modules" / _STAMP
-    mutex = Path(tempfile.gettempdir()) / f"better-auth-npm-{hashlib.sha256(bytes(APP_DIR)).hexdigest()[:16]}.lock"
-    with mutex.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # one installer at a time (e.g. pytest-xdist)
-        if stamp.exists() and stamp.read_text().strip() == digest:
-            return
-        cmd = ["npm", "ci" if lock.exists() else "install", "--no-audit", "--no-fund"]
-        try:
-            proc = subprocess.run(
-                cmd,
-                cwd=APP_DIR,
-                capture_output=True,
-                text=True,
-                timeout=INSTALL_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"{' '.join(cmd)} timed out after {INSTALL_TIMEOUT:.0f} s") from exc
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        stamp.write_text(digest + "\n")
 
 
 @dataclass
@@ -112,7 +74,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 @contextlib.contextmanager
 def run_better_auth(alg: str = "EdDSA", base_url: str | None = None) -> Iterator[BetterAuthServer]:
     """Start `node server.mjs` on a free port; `base_url` overrides its issuer/audience URL."""
-    ensure_node_modules()
+    ensure_node_modules(APP_DIR)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {

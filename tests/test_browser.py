@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,14 +37,13 @@ import pytest
 from main import create_app
 from tests.conftest import FRONTEND_ORIGIN, LiveServer, free_port, make_settings
 from tests.keys import JwksServer
+from tests.npm import ensure_node_modules
 
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 CHROMIUM_PATH = Path("/usr/bin/chromium")
 FRONTEND_PORT = 3000  # FRONTEND_ORIGIN's port: the origin must be exactly http://localhost:3000
 PAGE_TIMEOUT_MS = 60_000  # for the browser to start and the page to finish; generous for a slow CI machine
 RUN_TIMEOUT = 120.0  # for the whole `node run.mjs` process
-INSTALL_TIMEOUT = 600.0
-_STAMP = ".browser-lock.sha256"
 
 
 def in_ci() -> bool:
@@ -62,33 +58,6 @@ def require(available: bool, missing: str) -> None:
     if in_ci():
         pytest.fail(f"{missing}, and CI is set: the browser test must run in CI", pytrace=False)
     pytest.skip(f"{missing} (set CI=1 to make this a failure)")
-
-
-def ensure_node_modules(directory: Path) -> None:
-    """`npm ci` in `directory` unless its node_modules already matches package-lock.json.
-
-    The same pattern as tests/better_auth_server.py: a stamp file with the lock's hash, and a file
-    lock so that concurrent test processes install once. No browser is ever downloaded.
-    """
-    lock = directory / "package-lock.json"
-    digest = hashlib.sha256(lock.read_bytes()).hexdigest()
-    stamp = directory / "node_modules" / _STAMP
-    mutex = Path(tempfile.gettempdir()) / f"browser-npm-{hashlib.sha256(bytes(directory)).hexdigest()[:16]}.lock"
-    with mutex.open("w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        if stamp.exists() and stamp.read_text().strip() == digest:
-            return
-        command = ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"]
-        env = os.environ | {"PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"}
-        try:
-            done = subprocess.run(
-                command, cwd=directory, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, check=False
-            )
-        except subprocess.TimeoutExpired as error:
-            raise RuntimeError(f"{' '.join(command)} timed out after {INSTALL_TIMEOUT:.0f} s") from error
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        stamp.write_text(digest + "\n")
 
 
 # --- The page's two origins -------------------------------------------------------------------
