@@ -135,3 +135,24 @@ def test_first_command_starts_with_no_configuration(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_database_password_never_reaches_the_log(tmp_path: Path) -> None:
+    port = free_port()
+    password = "hunter2-database-password"
+    url = f"postgresql://todo:{password}@127.0.0.1:{free_port()}/todo"  # nothing listens: errors get logged
+    process = start_service({"DATABASE_URL": url, "LOG_LEVEL": "debug"}, tmp_path, port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 503
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=30)
+    assert "starting: database postgresql+psycopg://todo:***@" in stderr
+    assert password not in stdout + stderr
