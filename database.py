@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import select
 import socket
 import sqlite3
 import threading
@@ -13,7 +14,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Session, SQLModel
 
 import models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -32,6 +35,8 @@ POOL_RECYCLE_SECONDS = 240
 POOL_SIZE = 40
 POOL_MAX_OVERFLOW = 0
 POOL_TIMEOUT_SECONDS = 10
+# A pooled connection back from its last use within this long is checked without a round trip.
+PING_AFTER_IDLE_SECONDS = 10
 # Any 64-bit key, the same in every worker: serialises table creation between workers.
 SCHEMA_LOCK_KEY = 7_105_300_117
 
@@ -108,7 +113,7 @@ stall_watchdog = StallWatchdog()
 
 
 def _watch_for_stalls(engine: Engine, statement_deadline: float) -> None:
-    """Put every statement and every pre-ping of `engine` under the stall watchdog."""
+    """Put every statement of `engine` under the stall watchdog."""
 
     def before_execute(_conn: Any, cursor: Any, *_args: Any) -> None:
         stall_watchdog.start(cursor.connection, statement_deadline)
@@ -125,14 +130,50 @@ def _watch_for_stalls(engine: Engine, statement_deadline: float) -> None:
     event.listen(engine, "after_cursor_execute", after_execute)
     event.listen(engine, "handle_error", on_error)
 
-    # The pool's pre-ping goes straight to the driver, past the events above.
+
+def has_unread_input(dbapi_connection: Any) -> bool:
+    """True when an idle PostgreSQL connection has something to read, or no socket at all.
+
+    Between statements the server sends nothing, so anything there is its farewell (a terminated
+    backend, a restart, a suspended Neon compute) or the end of the stream: the connection is gone.
+    """
+    if dbapi_connection.closed:
+        return True
+    poller = select.poll()
+    poller.register(dbapi_connection.pgconn.socket, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _check_before_use(engine: Engine) -> None:
+    """Pre-ping pooled connections, with a round trip only for those idle a while.
+
+    A connection handed back moments ago (the usual case under load) is checked by looking at its
+    socket, which costs no round trip; one idle for `PING_AFTER_IDLE_SECONDS` or more gets a real
+    `SELECT 1` (under the stall watchdog), since a silent network drop leaves nothing to read. A
+    dead connection invalidates the whole pool, as `pool_pre_ping` does: after a restart or a
+    suspend, the other connections are gone too.
+    """
     ping = engine.dialect.do_ping
 
-    def watched_ping(dbapi_connection: Any) -> bool:
-        with stall_watchdog.watching(dbapi_connection, CONNECT_TIMEOUT_SECONDS):
-            return ping(dbapi_connection)
+    def on_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["returned_at"] = time.monotonic()
 
-    engine.dialect.do_ping = watched_ping  # type: ignore[method-assign]
+    def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        returned_at = record.info.get("returned_at")
+        if returned_at is None:  # a new connection (reconnecting clears `info`)
+            return
+        if time.monotonic() - returned_at < PING_AFTER_IDLE_SECONDS:
+            if has_unread_input(dbapi_connection):
+                raise sa_exc.InvalidatePoolError("the server closed the connection")
+            return
+        try:
+            with stall_watchdog.watching(dbapi_connection, CONNECT_TIMEOUT_SECONDS):
+                ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            raise sa_exc.InvalidatePoolError("the connection failed its ping") from error
+
+    event.listen(engine, "checkin", on_checkin)
+    event.listen(engine, "checkout", on_checkout)
 
 
 def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> Engine:
@@ -160,7 +201,7 @@ def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS)
     engine = create_engine(
         url,
         isolation_level="AUTOCOMMIT",
-        pool_pre_ping=True,
+        pool_reset_on_return=None,  # autocommit: no transaction is ever left to roll back
         pool_recycle=POOL_RECYCLE_SECONDS,
         pool_size=POOL_SIZE,
         max_overflow=POOL_MAX_OVERFLOW,
@@ -169,6 +210,7 @@ def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS)
     )
     event.listen(engine, "connect", _use_utc_session)
     _watch_for_stalls(engine, statement_timeout_ms / 1000 + STALL_MARGIN_SECONDS)
+    _check_before_use(engine)
     return engine
 
 

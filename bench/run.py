@@ -40,7 +40,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 WORKLOAD = BENCH_DIR / "workload.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TARGETS = {"service": "main:app", "reference": "bench.reference_app:app"}
+TARGETS = {"service": "main:app", "reference": "bench.reference_app:app", "floor": "bench.stack_floor_app:app"}
 
 
 # --------------------------------------------------------------------------- data types
@@ -609,6 +609,14 @@ def report(results: list[Result], args: argparse.Namespace) -> dict[str, Any]:
             f"server CPU/request {ratios['server_cpu_per_req']:.2f}x, "
             f"peak RSS/worker {ratios['peak_rss']:.2f}x"
         )
+    if "floor" in summary and "reference" in summary:
+        floor, ref = summary["floor"], summary["reference"]
+        ratios["floor_throughput"] = floor.rps / ref.rps
+        ratios["floor_p99"] = floor.p99_ms / ref.p99_ms
+        print(
+            f"floor/reference (the fixed stack alone): throughput {ratios['floor_throughput']:.2f}x, "
+            f"p99 latency {ratios['floor_p99']:.2f}x"
+        )
     return {
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "results": [asdict(r) for r in results],
@@ -628,6 +636,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     p.add_argument("--runs", type=int, default=1, help="runs per target; medians reported (1)")
     p.add_argument("--only", choices=sorted(TARGETS), help="benchmark one target only")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the reference's routes on the service's fixed stack (bench/stack_floor_app.py)",
+    )
     p.add_argument("--json", type=Path, help="also write all results to this JSON file")
     p.add_argument("--warmup", type=float, default=5, help="warm-up seconds before each run (5)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
@@ -647,7 +660,7 @@ def preflight(targets: list[str], pg_url: str) -> None:
         raise BenchError("wrk is not installed: apt-get install -y wrk")
     if "service" in targets and not (REPO_DIR / "main.py").exists():
         raise BenchError(f"{REPO_DIR / 'main.py'} does not exist (use --only reference)")
-    if "reference" in targets:
+    if "reference" in targets or "floor" in targets:
         try:
             import psycopg_pool  # noqa: F401
         except ImportError:
@@ -661,7 +674,7 @@ def preflight(targets: list[str], pg_url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run every target ``--runs`` times (alternating the order) and print the report."""
     args = parse_args(argv)
-    targets = [args.only] if args.only else ["service", "reference"]
+    targets = [args.only] if args.only else ["service", "reference", *(["floor"] if args.floor else [])]
     # SIGTERM/SIGHUP are turned into Ctrl-C (which asyncio.run also handles cleanly), so
     # every server and database is cleaned up the same way.
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -33,7 +33,9 @@ router = APIRouter(
 # nothing for the ORM to track. Statements are built once, with bound parameters, not per request.
 tasks = Task.__table__
 column = tasks.c
-TASK_COLUMNS = tuple(tasks.columns)
+# Every statement returns the public fields, in TaskPublic's order (see `task_fields`).
+TASK_FIELDS = tuple(TaskPublic.model_fields)
+TASK_COLUMNS = tuple(column[name] for name in TASK_FIELDS)
 
 # The one rule for every single-task statement: this id, and this user's.
 IS_OWNED = and_(column.id == bindparam("task_id"), column.user_id == bindparam("owner_id"))
@@ -105,11 +107,19 @@ def as_json(
     return Response(body, status_code, headers, media_type="application/json")
 
 
+def task_fields(row: Row) -> dict[str, Any]:
+    """A task row's public fields by name.
+
+    Pydantic reads a dict many times faster than a row's attributes, which matters on a page of 50.
+    """
+    return dict(zip(TASK_FIELDS, row, strict=False))  # a list row also carries its `total` last
+
+
 def found(row: Row | None) -> TaskPublic:
     """The task a statement matched, or 404."""
     if row is None:
         raise task_not_found()
-    return TaskPublic.model_validate(row)
+    return TaskPublic.model_validate(task_fields(row))
 
 
 @cache
@@ -203,7 +213,7 @@ def list_tasks(
     headers = {"X-Total-Count": str(total)}
     if link := page_link_header(request, query, total):
         headers["Link"] = link
-    return as_json([TaskPublic.model_validate(row) for row in rows], headers=headers)
+    return as_json(TASK_LIST.validate_python([task_fields(row) for row in rows]), headers=headers)
 
 
 @router.post(
@@ -225,7 +235,7 @@ def create_task(
     """Store a new task for the user; its URL is in `Location`."""
     now = utc_now()
     values = new_task.model_dump() | {"user_id": user_id, "created_at": now, "updated_at": now}
-    task = TaskPublic.model_validate(session.exec(CREATE_TASK, params=values).one())
+    task = found(session.exec(CREATE_TASK, params=values).one())
     session.commit()
     location = str(request.url_for("read_task", user_id=user_id, task_id=task.id))
     return as_json(task, status.HTTP_201_CREATED, {"Location": location})

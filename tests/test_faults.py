@@ -19,6 +19,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 import database
@@ -224,6 +225,56 @@ def proxied_service(
             yield live, proxy
     finally:
         proxy.stop()
+
+
+# --- Pooled connections checked before use -----------------------------------------------------------
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """The service's engine on the test database."""
+    engine = database.create_db_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    yield engine
+    engine.dispose()
+
+
+def backend_pid(engine: Engine) -> int:
+    """The server process behind the pool's connection (used one at a time, the pool keeps just one)."""
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+
+def last_statement(database_url: str, pid: int) -> str | None:
+    """What the backend `pid` ran last, as the server reports it; None once the backend is gone."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as admin:
+        row = admin.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row[0] if row else None
+
+
+def test_a_connection_back_from_use_moments_ago_is_checked_without_a_round_trip(
+    engine: Engine, database_url: str
+) -> None:
+    pid = backend_pid(engine)
+    with engine.connect():
+        assert last_statement(database_url, pid) == "SELECT pg_backend_pid()"
+
+
+def test_a_connection_idle_a_while_is_pinged_before_use(
+    engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid = backend_pid(engine)
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0)
+    with engine.connect():
+        assert last_statement(database_url, pid) != "SELECT pg_backend_pid()"  # the ping came after it
+
+
+def test_a_pooled_connection_whose_server_went_away_is_replaced_before_use(engine: Engine, database_url: str) -> None:
+    pid = backend_pid(engine)
+    assert terminate_backends(database_url) >= 1
+    deadline = time.monotonic() + PROMPT_ANSWER_SECONDS
+    while last_statement(database_url, pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the backend says goodbye on the socket before it exits
+    assert backend_pid(engine) != pid  # no error: the dead connection never reached a statement
 
 
 # --- Connections killed under the service -----------------------------------------------------------

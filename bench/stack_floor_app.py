@@ -1,0 +1,189 @@
+"""The reference app's routes on the service's fixed stack, for the benchmark's `floor` target.
+
+The same hand-written SQL, PyJWT check and stdlib JSON as `reference_app.py`, but served the way the
+service must be built: FastAPI with plain `def` routes (run in FastAPI's thread pool) and one
+synchronous SQLModel `Session` per request on a SQLAlchemy engine tuned like the service's
+(autocommit, a kept pool, no prepared statements). No validation, no dependencies, no middleware.
+
+It measures what the stack itself costs before any of the contract's work: whatever the service
+does, it cannot be faster than this. Run: ``uvicorn bench.stack_floor_app:app`` from the repository
+root, with ``DATABASE_URL`` and ``BETTER_AUTH_SECRET`` set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Request, Response
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import Session
+
+from bench.reference_app import (
+    COLUMNS,
+    SCHEMA,
+    UPDATABLE,
+    HTTPError,
+    authorize,
+    conninfo_from_env,
+    json_response,
+    on_http_error,
+    task_json,
+)
+
+engine = create_engine(
+    conninfo_from_env().replace("postgresql://", "postgresql+psycopg://", 1),
+    isolation_level="AUTOCOMMIT",
+    pool_size=40,
+    max_overflow=0,
+    pool_reset_on_return=None,
+    connect_args={"prepare_threshold": None, "options": "-c TimeZone=UTC"},
+)
+
+
+# Statements are built once, as the service's are.
+LIST_PAGE = text(
+    f"SELECT {COLUMNS}, count(*) OVER () FROM tasks WHERE user_id = :user "
+    "ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset"
+)
+COUNT = text("SELECT count(*) FROM tasks WHERE user_id = :user")
+INSERT = text(
+    "INSERT INTO tasks (user_id, title, description, completed, due_date) "
+    f"VALUES (:user, :title, :description, :completed, :due_date) RETURNING {COLUMNS}"
+)
+READ = text(f"SELECT {COLUMNS} FROM tasks WHERE id = :id AND user_id = :user")
+DELETE = text("DELETE FROM tasks WHERE id = :id AND user_id = :user RETURNING id")
+SET_COMPLETED, TOGGLE = (
+    text(f"UPDATE tasks SET {change}, updated_at = now() WHERE id = :id AND user_id = :user RETURNING {COLUMNS}")
+    for change in ("completed = :completed", "completed = NOT completed")
+)
+SELECT_ONE = text("SELECT 1")
+
+
+def one_row(statement: Any, params: dict[str, Any]) -> Any:
+    """Run one statement in a per-request SQLModel session; its first row, or None."""
+    with Session(engine) as session:
+        row = session.exec(statement, params=params).first()  # type: ignore[call-overload]
+        session.commit()
+    return row
+
+
+def found(row: Any, status: int = 200) -> Response:
+    """The task as JSON, or 404."""
+    if row is None:
+        raise HTTPError(404, "Task not found", "task_not_found")
+    return json_response(task_json(row), status)
+
+
+JsonObject = Annotated[dict[str, Any] | None, Body()]
+
+
+async def on_db_error(_: Request, error: Exception) -> Response:
+    """503 when the database is unreachable, 422 for data it refused."""
+    if isinstance(error, OperationalError):
+        return json_response({"detail": "Database unavailable", "code": "db_unavailable"}, 503)
+    return json_response({"detail": "Invalid data", "code": "validation_error"}, 422)
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    """Create the table (serialised across workers by an advisory lock)."""
+    with engine.connect() as connection, connection.begin():
+        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(742113)")
+        connection.exec_driver_sql(SCHEMA)
+    yield
+    engine.dispose()
+
+
+app = FastAPI(
+    openapi_url=None,
+    lifespan=lifespan,
+    exception_handlers={HTTPError: on_http_error, DBAPIError: on_db_error},
+)
+
+
+@app.get("/health")
+def health() -> Response:
+    """200 when the database answers."""
+    try:
+        one_row(SELECT_ONE, {})
+    except OperationalError:
+        return json_response({"status": "unhealthy", "database": "unreachable"}, 503)
+    return json_response({"status": "healthy", "database": "ok"})
+
+
+@app.get("/api/{user_id}/tasks")
+def list_tasks(request: Request, limit: int = 100, offset: int = 0) -> Response:
+    """Newest first, with `X-Total-Count`."""
+    user = authorize(request)
+    with Session(engine) as session:
+        rows = session.exec(LIST_PAGE, params={"user": user, "limit": limit, "offset": offset}).all()  # type: ignore[call-overload]
+        total = rows[0][8] if rows else session.exec(COUNT, params={"user": user}).scalar_one()  # type: ignore[call-overload]
+        session.commit()
+    return json_response([task_json(row) for row in rows], headers={"X-Total-Count": str(total)})
+
+
+@app.post("/api/{user_id}/tasks")
+def create_task(request: Request, data: JsonObject = None) -> Response:
+    """201 with the task and `Location`."""
+    user = authorize(request)
+    data = data or {}
+    title = data.get("title")
+    if not isinstance(title, str) or not 1 <= len(title.strip()) <= 200:
+        raise HTTPError(422, "title must be 1-200 characters", "validation_error")
+    row = one_row(
+        INSERT,
+        {
+            "user": user,
+            "title": title.strip(),
+            "description": data.get("description"),
+            "completed": bool(data.get("completed", False)),
+            "due_date": data.get("due_date"),
+        },
+    )
+    response = found(row, 201)
+    response.headers["Location"] = f"/api/{user}/tasks/{row[0]}"
+    return response
+
+
+@app.get("/api/{user_id}/tasks/{task_id}")
+def get_task(request: Request, task_id: int) -> Response:
+    """One task."""
+    user = authorize(request)
+    return found(one_row(READ, {"id": task_id, "user": user}))
+
+
+@app.api_route("/api/{user_id}/tasks/{task_id}", methods=["PUT", "PATCH"])
+def update_task(request: Request, task_id: int, data: JsonObject = None) -> Response:
+    """Only the fields sent change."""
+    user = authorize(request)
+    data = data or {}
+    fields = [name for name in UPDATABLE if name in data]
+    statement = READ
+    if fields:
+        assignments = ", ".join(f"{name} = :{name}" for name in fields)
+        statement = text(
+            f"UPDATE tasks SET {assignments}, updated_at = now() WHERE id = :id AND user_id = :user RETURNING {COLUMNS}"
+        )
+    return found(one_row(statement, {name: data[name] for name in fields} | {"id": task_id, "user": user}))
+
+
+@app.delete("/api/{user_id}/tasks/{task_id}")
+def delete_task(request: Request, task_id: int) -> Response:
+    """204, or 404."""
+    user = authorize(request)
+    if one_row(DELETE, {"id": task_id, "user": user}) is None:
+        raise HTTPError(404, "Task not found", "task_not_found")
+    return Response(status_code=204)
+
+
+@app.patch("/api/{user_id}/tasks/{task_id}/complete")
+def complete_task(request: Request, task_id: int, data: JsonObject = None) -> Response:
+    """Toggle, or set `completed` when sent."""
+    user = authorize(request)
+    data = data or {}
+    if "completed" in data:
+        return found(one_row(SET_COMPLETED, {"id": task_id, "user": user, "completed": bool(data["completed"])}))
+    return found(one_row(TOGGLE, {"id": task_id, "user": user}))
