@@ -281,7 +281,7 @@ def test_a_pooled_connection_whose_server_went_away_is_replaced_before_use(engin
 
 KILL_ROUNDS = 3
 REQUESTS_AFTER_A_KILL = 9
-# pool_pre_ping replaces a dead pooled connection before use; only a request already on its way
+# The pool replaces a dead pooled connection before use; only a request already on its way
 # when the backend died may fail, so the service must be fine again after the first couple.
 REQUESTS_ALLOWED_TO_FAIL_AFTER_A_KILL = 2
 
