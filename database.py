@@ -148,8 +148,9 @@ def _check_before_use(engine: Engine) -> None:
     """Pre-ping pooled connections, with a round trip only for those idle a while.
 
     A connection handed back moments ago (the usual case under load) is checked by looking at its
-    socket, which costs no round trip; one idle for `PING_AFTER_IDLE_SECONDS` or more gets a real
-    `SELECT 1` (under the stall watchdog), since a silent network drop leaves nothing to read. A
+    socket, which costs no round trip; one idle for `PING_AFTER_IDLE_SECONDS` or more gets the
+    dialect's ping, a round trip (under the stall watchdog), since a silent network drop leaves
+    nothing to read. A
     dead connection invalidates the whole pool, as `pool_pre_ping` does: after a restart or a
     suspend, the other connections are gone too.
     """
