@@ -150,9 +150,8 @@ def _check_before_use(engine: Engine) -> None:
     A connection handed back moments ago (the usual case under load) is checked by looking at its
     socket, which costs no round trip; one idle for `PING_AFTER_IDLE_SECONDS` or more gets the
     dialect's ping, a round trip (under the stall watchdog), since a silent network drop leaves
-    nothing to read. A
-    dead connection invalidates the whole pool, as `pool_pre_ping` does: after a restart or a
-    suspend, the other connections are gone too.
+    nothing to read. A dead connection invalidates the whole pool, as `pool_pre_ping` does: after
+    a restart or a suspend, the other connections are gone too.
     """
     ping = engine.dialect.do_ping
 
