@@ -2,8 +2,8 @@
 
 The same hand-written SQL, PyJWT check and stdlib JSON as `reference_app.py`, but served the way the
 service must be built: FastAPI with plain `def` routes (run in FastAPI's thread pool) and one
-synchronous SQLModel `Session` per request on a SQLAlchemy engine tuned like the service's
-(autocommit, a kept pool, no prepared statements). No validation, no dependencies, no middleware.
+synchronous SQLModel `Session` per request, on the service's own engine (`create_db_engine`). No
+validation, no dependencies, no middleware.
 
 It measures what the stack itself costs before any of the contract's work: whatever the service
 does, it cannot be faster than this. Run: ``uvicorn bench.stack_floor_app:app`` from the repository
@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Request, Response
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session
 
@@ -32,15 +32,11 @@ from bench.reference_app import (
     on_http_error,
     task_json,
 )
+from database import create_db_engine
+from settings import normalize_database_url
 
-engine = create_engine(
-    conninfo_from_env().replace("postgresql://", "postgresql+psycopg://", 1),
-    isolation_level="AUTOCOMMIT",
-    pool_size=40,
-    max_overflow=0,
-    pool_reset_on_return=None,
-    connect_args={"prepare_threshold": None, "options": "-c TimeZone=UTC"},
-)
+# The service's own engine: the same pool, driver settings and connection checks.
+engine = create_db_engine(normalize_database_url(conninfo_from_env()))
 
 
 # Statements are built once, as the service's are.
@@ -90,9 +86,12 @@ async def on_db_error(_: Request, error: Exception) -> Response:
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     """Create the table (serialised across workers by an advisory lock)."""
-    with engine.connect() as connection, connection.begin():
-        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(742113)")
-        connection.exec_driver_sql(SCHEMA)
+    with engine.connect() as connection:  # autocommit: a session-level lock, not a transaction's
+        connection.exec_driver_sql("SELECT pg_advisory_lock(742113)")
+        try:
+            connection.exec_driver_sql(SCHEMA)
+        finally:
+            connection.exec_driver_sql("SELECT pg_advisory_unlock(742113)")
     yield
     engine.dispose()
 

@@ -277,6 +277,18 @@ def test_a_pooled_connection_whose_server_went_away_is_replaced_before_use(engin
     assert backend_pid(engine) != pid  # no error: the dead connection never reached a statement
 
 
+def test_an_idle_connection_that_fails_its_ping_is_replaced_before_use(
+    engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid = backend_pid(engine)
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0)
+    assert terminate_backends(database_url) >= 1
+    deadline = time.monotonic() + PROMPT_ANSWER_SECONDS
+    while last_statement(database_url, pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backend_pid(engine) != pid  # the failed ping cost a reconnect, not an error
+
+
 # --- Connections killed under the service -----------------------------------------------------------
 
 KILL_ROUNDS = 3
