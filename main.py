@@ -1,34 +1,35 @@
 """The Todo API: the FastAPI app, its middleware, error handlers and start-up."""
 
 import gc
-import json
 import logging
-import random
-import re
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth import TokenVerifier, bearer_scheme, get_current_user_id
-from database import Database
+from auth import TokenVerifier, bearer_scheme, get_current_user_id, without_credentials
+from database import Database, DatabaseUnavailableError
+from logs import configure_logging
+from middleware import (
+    MAX_BODY_BYTES,
+    BodySizeLimitMiddleware,
+    HeadAsGetMiddleware,
+    InternalErrorMiddleware,
+    JSONErrorCORSMiddleware,
+    RequestContextMiddleware,
+)
 from routes import health, tasks
 from schemas import ApiError
 from settings import VERSION, Settings, load_settings
 
 logger = logging.getLogger("todo")
-access_logger = logging.getLogger("todo.access")
 
-MAX_BODY_BYTES = 1024 * 1024
 CODES_BY_STATUS = {
     400: "bad_request",
     401: "not_authenticated",
@@ -40,139 +41,6 @@ CODES_BY_STATUS = {
     503: "service_unavailable",
 }
 ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-INTERNAL_ERROR = {"detail": "Internal server error", "code": "internal_error"}
-
-
-def new_request_id() -> str:
-    """32 random hex digits: unique enough to find one request in the logs, without a system call.
-
-    Request ids are not secrets, so they need not come from the operating system's generator, as
-    `uuid4()` does at the cost of a system call per request.
-    """
-    return f"{random.getrandbits(128):032x}"
-
-
-def error_body(detail: Any, code: str) -> bytes:
-    """The JSON bytes of an error in the contract's shape."""
-    return json.dumps({"detail": detail, "code": code}, separators=(",", ":")).encode()
-
-
-async def send_json(send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    """Send a complete JSON response straight from middleware."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-class RequestContextMiddleware:
-    """Gives each request an id (`X-Request-ID`), logs one line for it, and turns a crash into a bare 500.
-
-    The line has the method, path, status, duration and request id; never headers, the query
-    string or a body, so no token or secret can reach the log.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
-        request_id = incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else new_request_id()
-        id_header = (b"x-request-id", request_id.encode())
-        status = 500
-        started = False
-        start = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                status, started = message["status"], True
-                message = {**message, "headers": [*message.get("headers", []), id_header]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            logger.exception("unhandled error in request %s", request_id)
-            status = 500
-            if not started:
-                await send_json(send, 500, error_body(**INTERNAL_ERROR), [id_header])
-        finally:
-            duration_ms = (time.perf_counter() - start) * 1000
-            access_logger.info(
-                "%s %s %d %.1fms request_id=%s", scope["method"], scope["path"], status, duration_ms, request_id
-            )
-
-
-class BodyTooLargeError(Exception):
-    """The request body grew past the limit while it was being read."""
-
-
-class BodySizeLimitMiddleware:
-    """Answers 413 for a body over the limit: at once from `Content-Length`, else as soon as it is exceeded."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.too_large_body = error_body(f"Request body is larger than {max_bytes} bytes", "payload_too_large")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_json(send, 413, self.too_large_body, [(b"connection", b"close")])
-            return
-        received = 0
-        exceeded = False
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    exceeded = True
-                    raise BodyTooLargeError
-            return message
-
-        async def send_unless_exceeded(message: Message) -> None:
-            nonlocal started
-            if exceeded:  # whatever the app made of the cut-off body, the answer is 413
-                if message["type"] == "http.response.start":
-                    started = True
-                    await send_json(send, 413, self.too_large_body, [(b"connection", b"close")])
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, send_unless_exceeded)
-        except BodyTooLargeError:
-            if not started:
-                await send_json(send, 413, self.too_large_body, [(b"connection", b"close")])
-
-
-class JSONErrorCORSMiddleware(CORSMiddleware):
-    """Starlette's CORS middleware, with its rejected preflight answered in the contract's error shape."""
-
-    def preflight_response(self, request_headers: Any) -> Response:
-        response = super().preflight_response(request_headers)
-        if response.status_code < 400:
-            return response
-        headers = {k: v for k, v in response.headers.items() if k not in {"content-length", "content-type"}}
-        detail = "CORS preflight rejected: " + bytes(response.body).decode()
-        return JSONResponse({"detail": detail, "code": "cors_rejected"}, response.status_code, headers=headers)
 
 
 def error_response(status_code: int, detail: Any, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -211,12 +79,14 @@ async def http_error_handler(request: Request, error: StarletteHTTPException) ->
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route accepts at this path (Starlette's `Allow` names only the first route's)."""
-    return [
+    """Every method some route accepts at this path, HEAD wherever GET (Starlette's `Allow` names only the
+    first route's)."""
+    allowed = [
         method
         for method in ROUTE_METHODS
         if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.routes)
     ]
+    return ["GET", "HEAD", *allowed[1:]] if allowed[:1] == ["GET"] else allowed
 
 
 async def validation_error_handler(request: Request, error: RequestValidationError) -> Response:
@@ -228,8 +98,9 @@ async def validation_error_handler(request: Request, error: RequestValidationErr
 
 
 async def database_unavailable_handler(request: Request, error: Exception) -> Response:
-    """The database is down or too slow: 503, and the service carries on."""
-    logger.warning("database unavailable: %s", type(error).__name__)
+    """The database is down or too slow: 503 (with `Retry-After`), and the service carries on."""
+    cause = error.__cause__ if isinstance(error, DatabaseUnavailableError) and error.__cause__ else error
+    logger.warning("database unavailable: %s", type(cause).__name__)
     return error_response(503, "The database is unavailable; try again shortly", "database_unavailable")
 
 
@@ -240,63 +111,61 @@ async def unstorable_value_handler(request: Request, error: Exception) -> Respon
     return error_response(422, [issue], "validation_error")
 
 
-def configure_logging(level: str) -> None:
-    """Send the service's logs to stderr at `level`; uvicorn's access log gives way to ours."""
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(level.upper())
-    logging.getLogger("uvicorn.access").disabled = True
-
-
 def create_app(settings: Settings) -> FastAPI:
     """Assemble the service for `settings`: database, token verification, middleware, handlers, routes."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info(
             "starting: database %s, Better Auth keys from %s, HS256 %s",
             settings.database.render_as_string(hide_password=True),
-            settings.jwks_endpoint,
+            without_credentials(settings.jwks_endpoint),
             "enabled" if settings.better_auth_secret else "disabled",
         )
         try:
-            app.state.database.ensure_tables()
-        except sa_exc.SQLAlchemyError as error:
-            logger.warning(
-                "database unreachable at start-up (%s); tables will be created when it is back", type(error).__name__
-            )
+            app.state.database.ensure_schema()
+        except DatabaseUnavailableError as error:
+            logger.warning("database not ready at start-up (%s); it will be migrated when it is back", error)
         yield
         app.state.database.engine.dispose()
 
     app = FastAPI(
         title="Todo API",
         version=VERSION,
-        description="Each user's tasks, behind Better Auth tokens. See the contract in the README.",
+        description="Each user's tasks, behind Better Auth tokens. The full reference is docs/api.md.",
         lifespan=lifespan,
     )
-    app.state.database = Database(settings.database)
+    app.state.database = Database(
+        settings.database,
+        migration_url=settings.migration_database,
+        migrate_on_startup=settings.migrate_on_startup,
+    )
     app.state.token_verifier = TokenVerifier(settings)
 
-    app.add_middleware(BodySizeLimitMiddleware)
+    # Added innermost first: a request passes RequestContext, CORS, InternalError, HeadAsGet, BodySizeLimit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(InternalErrorMiddleware)  # inside CORS: a 500 carries the CORS headers too
     allow_any_origin = "*" in settings.allowed_origins
     app.add_middleware(
         JSONErrorCORSMiddleware,
         allow_origins=["*"] if allow_any_origin else settings.allowed_origins,
         allow_credentials=not allow_any_origin,  # a wildcard origin never goes with credentials
-        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type"],
-        expose_headers=["X-Total-Count", "Link", "Location"],
+        expose_headers=["X-Total-Count", "Link", "Location", "Retry-After", "X-Request-ID"],
         max_age=600,
     )
     app.add_middleware(RequestContextMiddleware)
+    if settings.metrics_enabled:  # last, so outermost: it times everything; when off, nothing of it runs
+        from metrics import install_metrics
+
+        install_metrics(app, app.state.database.engine)
 
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
-    for unavailable in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+    for unavailable in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, DatabaseUnavailableError):
         app.add_exception_handler(unavailable, database_unavailable_handler)
     app.add_exception_handler(sa_exc.DataError, unstorable_value_handler)
 

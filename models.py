@@ -7,6 +7,16 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
+# Constraint and index names that migrations can rely on, set before any table (PostgreSQL's own
+# names for primary keys, so databases made before migrations existed match).
+SQLModel.metadata.naming_convention = {
+    "pk": "%(table_name)s_pkey",
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+}
+
 # Task ids are 64-bit on PostgreSQL; on SQLite the column must stay INTEGER to be the rowid.
 TASK_ID_TYPE = BigInteger().with_variant(Integer(), "sqlite")
 MAX_TASK_ID = 2**63 - 1
@@ -53,6 +63,8 @@ class Task(SQLModel, table=True):
     """One user's to-do item."""
 
     __tablename__ = "tasks"
+    # SQLite would otherwise hand a deleted highest id to the next task; PostgreSQL's sequence never reuses one.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: int | None = Field(default=None, sa_type=TASK_ID_TYPE, primary_key=True)
     user_id: str = Field(nullable=False)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from database import create_db_engine, create_tables
+from database import create_db_engine, migrate_database
 from routes.tasks import list_statements, search_pattern
 from schemas import SortOrder, TaskSort, TaskStatus
 
@@ -64,7 +64,7 @@ def main() -> None:
     url = make_url(arguments.pg_url).set(drivername="postgresql+psycopg", database=name)
     engine = create_db_engine(url)
     try:
-        create_tables(engine)
+        migrate_database(url)
         plain_url = url.set(drivername="postgresql").render_as_string(hide_password=False)
         with psycopg.connect(plain_url, autocommit=True) as connection:
             seed(connection)

@@ -2,10 +2,12 @@
 
 from functools import cache
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, status
 from pydantic import TypeAdapter
 from sqlalchemy import Row, Select, and_, bindparam, delete, func, insert, not_, or_, select, update
+from starlette.datastructures import URL
 
 from auth import CurrentUserId
 from database import SessionDep
@@ -84,11 +86,12 @@ async def get_owned_task(
     """The parameters of `IS_OWNED` for this user's task `task_id`; 404 at once for an id no task can have.
 
     The id is taken as digits, not parsed by pydantic, because an integer of any length (even past
-    the 4300 digits Python parses by default) is a 404, not a 422.
+    the 4300 digits Python parses by default) is a 404, not a 422; leading zeros do not count.
     """
-    if len(task_id) > MAX_TASK_ID_DIGITS or not 1 <= int(task_id) <= MAX_TASK_ID:
+    digits = task_id.lstrip("0")
+    if task_id.startswith("-") or not digits or len(digits) > MAX_TASK_ID_DIGITS or int(digits) > MAX_TASK_ID:
         raise task_not_found()
-    return {"task_id": int(task_id), "owner_id": user_id}
+    return {"task_id": int(digits), "owner_id": user_id}
 
 
 OwnedTask = Annotated[dict[str, object], Depends(get_owned_task)]
@@ -158,15 +161,24 @@ def search_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def page_link_header(request: Request, query: TaskListQuery, total: int) -> str | None:
-    """An RFC 8288 `Link` header with the next and previous pages, when there are any."""
+def user_url(request: Request, route_name: str, user_id: str, **path_params: object) -> URL:
+    """The absolute URL of one of `user_id`'s routes, the user id percent-encoded (any Unicode, `?`, `#`, `%`)."""
+    return request.url_for(route_name, user_id=quote(user_id, safe=""), **path_params)
+
+
+def page_link_header(request: Request, route_name: str, user_id: str, query: TaskListQuery, total: int) -> str | None:
+    """An RFC 8288 `Link` header with the next and previous pages, when there are any.
+
+    The links keep the request's own query, with the page's `offset` and `limit` replaced.
+    """
     links = []
+    this_page = user_url(request, route_name, user_id).replace(query=request.url.query)
     if query.offset + query.limit < total:
-        next_url = request.url.include_query_params(offset=query.offset + query.limit, limit=query.limit)
+        next_url = this_page.include_query_params(offset=query.offset + query.limit, limit=query.limit)
         links.append(f'<{next_url}>; rel="next"')
     if query.offset > 0:
         previous_offset = max(0, min(query.offset, total) - query.limit)
-        previous_url = request.url.include_query_params(offset=previous_offset, limit=query.limit)
+        previous_url = this_page.include_query_params(offset=previous_offset, limit=query.limit)
         links.append(f'<{previous_url}>; rel="prev"')
     return ", ".join(links) or None
 
@@ -211,7 +223,7 @@ def list_tasks(
         total = session.exec(count, params=params).scalar_one()
     session.commit()
     headers = {"X-Total-Count": str(total)}
-    if link := page_link_header(request, query, total):
+    if link := page_link_header(request, "list_tasks", user_id, query, total):
         headers["Link"] = link
     return as_json(TASK_LIST.validate_python([task_fields(row) for row in rows]), headers=headers)
 
@@ -237,7 +249,7 @@ def create_task(
     values = new_task.model_dump() | {"user_id": user_id, "created_at": now, "updated_at": now}
     task = found(session.exec(CREATE_TASK, params=values).one())
     session.commit()
-    location = str(request.url_for("read_task", user_id=user_id, task_id=task.id))
+    location = str(user_url(request, "read_task", user_id, task_id=task.id))
     return as_json(task, status.HTTP_201_CREATED, {"Location": location})
 
 

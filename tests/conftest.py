@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 # The app module reads the environment when imported: give it a harmless one first.
@@ -29,6 +30,11 @@ for variable in (
     "CORS_ORIGINS",
     "FRONTEND_URL",
     "LOG_LEVEL",
+    "LOG_FORMAT",
+    "MIGRATE_ON_STARTUP",
+    "DATABASE_MIGRATION_URL",
+    "METRICS_ENABLED",
+    "PROMETHEUS_MULTIPROC_DIR",
 ):
     os.environ.pop(variable, None)
 os.environ["DATABASE_URL"] = "sqlite:///:memory:"
@@ -168,6 +174,16 @@ def client(server: LiveServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
+def test_client(settings: Settings) -> Iterator[TestClient]:
+    """FastAPI's `TestClient` on a fresh app for this run's database: in-process, no socket, lifespan included.
+
+    The way a project that embeds this service writes its own tests; see the README.
+    """
+    with TestClient(create_app(settings)) as in_process:
+        yield in_process
+
+
+@pytest.fixture
 def token_for() -> Callable[..., str]:
     """`token_for(user_id, **claims)`: an HS256 token signed with the test secret, valid for an hour."""
 
@@ -223,3 +239,32 @@ def make_task(client: httpx.Client, auth: Callable[[str], dict[str, str]]) -> Ca
 def database_kind(database_url: str) -> str:
     """`sqlite` or `postgresql`: the database this test runs on."""
     return make_url(database_url).get_backend_name()
+
+
+# --- PgBouncer in transaction mode (Neon's `-pooler` host): tests/pgbouncer.py, tests/test_pooler.py ---
+
+from tests.pgbouncer import PgBouncer, in_ci, pgbouncer_missing  # noqa: E402  (this block is kept apart)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode in front of TEST_DATABASE_URL's server, for the whole run.
+
+    Without the binary this skips, except in CI (the CI variable set): there it fails, since CI must run it.
+    """
+    if "TEST_DATABASE_URL" not in os.environ:
+        pytest.skip("PgBouncer needs a PostgreSQL server: set TEST_DATABASE_URL")
+    if missing := pgbouncer_missing():
+        if in_ci():
+            pytest.fail(f"{missing}, and CI is set: the pooler tests must run in CI", pytrace=False)
+        pytest.skip(f"{missing} (set CI=1 to make this a failure)")
+    with PgBouncer(os.environ["TEST_DATABASE_URL"], free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(database_url: str, pgbouncer: PgBouncer) -> str:
+    """This run's PostgreSQL test database, reached through PgBouncer (PostgreSQL parameter only)."""
+    if make_url(database_url).get_backend_name() != "postgresql":
+        pytest.fail("pgbouncer_url is for PostgreSQL only: mark the test postgresql_only", pytrace=False)
+    return pgbouncer.url(make_url(database_url).database or "")

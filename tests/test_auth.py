@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -650,13 +649,30 @@ def test_better_auth_token_with_audience_as_a_one_element_list_is_accepted(
     assert response.status_code == 200, response.text
 
 
+@pytest.fixture(scope="module")
+def refetching_server(
+    database_url: str, jwks_server: JwksServer, better_auth_keys: dict[str, SigningKeyPair], serve: Serve
+) -> Iterator[LiveServer]:
+    """The app with no refetch limit: every never-seen key id is looked up in a fresh key set.
+
+    With the limit, a never-seen key id between fetches is a 503 (the key may be newly published); this
+    app shows what the key set itself says of such a key.
+    """
+    settings = make_settings(database_url, jwks_server)
+    app = create_app(settings)
+    app.state.token_verifier = TokenVerifier(settings, JwksCache(jwks_server.jwks_url, min_refetch_seconds=0))
+    with serve(app) as live:
+        yield live
+
+
 @pytest.mark.parametrize("alg", JWKS_ALGORITHMS)
 def test_better_auth_token_signed_by_a_key_outside_the_key_set_is_401(
-    client: httpx.Client, jwks_server: JwksServer, user_id: str, alg: str
+    refetching_server: LiveServer, jwks_server: JwksServer, user_id: str, alg: str
 ) -> None:
     stranger = new_key_pair(alg)  # never published
     token = stranger.sign(better_auth_claims(user_id, jwks_server.base_url))
-    assert_unauthorized(client.get(tasks_path(user_id), headers=bearer(token)), token)
+    with httpx.Client(base_url=refetching_server.url, timeout=30) as client:
+        assert_unauthorized(client.get(tasks_path(user_id), headers=bearer(token)), token)
 
 
 @pytest.mark.parametrize("alg", JWKS_ALGORITHMS)
@@ -911,12 +927,23 @@ def test_hs256_tokens_never_fetch_the_key_set(key_set: JwksServer, token_for: To
     assert key_set.requests == 0
 
 
+def accepted_or_asked_to_retry(verifier: TokenVerifier, token: str) -> bool:
+    """Whether `verifier` accepts `token`; a refusal must be a 503 with `Retry-After`, never a sign-out (401)."""
+    try:
+        verify(verifier, token)
+    except ApiError as error:
+        assert (error.status_code, error.code) == (503, "signing_keys_unavailable"), (error.status_code, error.detail)
+        assert int((error.headers or {})["Retry-After"]) >= 1
+        return False
+    return True
+
+
 def test_newly_published_key_is_accepted_after_a_refetch(key_set: JwksServer, user_id: str) -> None:
     verifier = verifier_for(key_set, min_refetch_seconds=0.2, max_age_seconds=3600)
     assert verify(verifier, signed_by(key_set.keys[0], key_set, user_id)) == user_id
     rotated = key_set.add(new_key_pair("ES256"))
     token = signed_by(rotated, key_set, user_id)
-    assert wait_until(lambda: accepts(verifier, token))
+    assert wait_until(lambda: accepted_or_asked_to_retry(verifier, token))
     assert key_set.requests == 2
     assert verify(verifier, signed_by(key_set.keys[0], key_set, user_id)) == user_id
 
@@ -949,9 +976,14 @@ def test_a_token_accepted_once_is_still_refused_once_it_expires(
 def test_unknown_kids_fetch_at_most_once_per_refetch_interval(key_set: JwksServer, user_id: str) -> None:
     verifier = verifier_for(key_set, min_refetch_seconds=3600, max_age_seconds=3600)
     published = key_set.keys[0]
-    for _ in range(50):
+    for attempt in range(50):
         bogus = SigningKeyPair("EdDSA", uuid.uuid4().hex, published.private_key)  # the real key under a made-up kid
-        assert refusal(verifier, signed_by(bogus, key_set, user_id)).status_code == 401
+        error = refusal(verifier, signed_by(bogus, key_set, user_id))
+        if attempt == 0:  # looked up in the key set, which does not have it
+            assert error.status_code == 401
+        else:  # never seen, and the refetch limit holds back a fresh look: retry later, do not sign out
+            assert (error.status_code, error.code) == (503, "signing_keys_unavailable")
+            assert 1 <= int((error.headers or {})["Retry-After"]) <= 3600
     assert key_set.requests == 1
     assert verify(verifier, signed_by(published, key_set, user_id)) == user_id
     assert key_set.requests == 1
@@ -1028,18 +1060,11 @@ def test_published_key_verifies_only_the_allowed_algorithms(
 def test_concurrent_first_requests_fetch_the_key_set_once(key_set: JwksServer) -> None:
     cache = JwksCache(key_set.jwks_url, min_refetch_seconds=0, max_age_seconds=3600)
     kid = key_set.keys[0].kid
-    start = threading.Barrier(20)
-    found: list[SigningKey | None] = []
 
-    def first_request() -> None:
-        start.wait()
-        found.append(cache.get(kid))
+    async def first_requests() -> list[SigningKey | None]:
+        return await asyncio.wait_for(asyncio.gather(*(cache.get(kid) for _ in range(20))), DEADLINE_SECONDS)
 
-    threads = [threading.Thread(target=first_request) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=DEADLINE_SECONDS)
+    found = asyncio.run(first_requests())
     assert len(found) == 20
     assert all(key is not None and key is found[0] for key in found)
     assert key_set.requests == 1

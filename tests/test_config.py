@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from settings import Settings, normalize_database_url
 from tests.conftest import free_port
@@ -71,6 +72,12 @@ def test_jwks_url_issuer_and_audience_can_be_overridden() -> None:
 def test_cors_origins_are_comma_separated_and_joined_with_frontend_url() -> None:
     settings = settings_from(CORS_ORIGINS="https://a.example, https://b.example/", FRONTEND_URL="https://c.example")
     assert settings.allowed_origins == ["https://a.example", "https://b.example", "https://c.example"]
+
+
+def test_frontend_url_must_be_an_origin() -> None:
+    assert settings_from(FRONTEND_URL="https://app.example.com/").allowed_origins == ["https://app.example.com"]
+    with pytest.raises(ValidationError, match="not an origin"):
+        settings_from(FRONTEND_URL="https://app.example.com/dashboard")
 
 
 def test_log_level_is_case_insensitive() -> None:
@@ -156,3 +163,41 @@ def test_database_password_never_reaches_the_log(tmp_path: Path) -> None:
         stdout, stderr = process.communicate(timeout=30)
     assert "starting: database postgresql+psycopg://todo:***@" in stderr
     assert password not in stdout + stderr
+
+
+NEON_POOLED = "postgresql://alex:pw@ep-cool-darkness-123456-pooler.eu-central-1.aws.neon.tech/neondb?sslmode=require"
+
+
+def test_migrations_use_the_direct_host_of_a_neon_pooled_url() -> None:
+    migration = settings_from(DATABASE_URL=NEON_POOLED).migration_database
+    assert migration.host == "ep-cool-darkness-123456.eu-central-1.aws.neon.tech"
+    assert migration.render_as_string(hide_password=False).endswith("/neondb?sslmode=require")
+    assert migration.password == "pw"
+
+
+def test_database_migration_url_wins_over_the_derived_direct_host() -> None:
+    settings = settings_from(DATABASE_URL=NEON_POOLED, DATABASE_MIGRATION_URL="postgres://admin:x@db.example.com/neondb")
+    assert settings.migration_database.host == "db.example.com"
+    assert settings.migration_database.drivername == "postgresql+psycopg"
+
+
+def test_migrations_run_on_database_url_when_it_is_not_a_pooled_neon_url() -> None:
+    assert settings_from(DATABASE_URL="postgresql://u@db.example.com/todo").migration_database.host == "db.example.com"
+    assert settings_from().migration_database.render_as_string() == "sqlite:///./todo.db"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("LOG_FORMAT", "xml"), ("MIGRATE_ON_STARTUP", "maybe"), ("METRICS_ENABLED", "2"), ("DATABASE_MIGRATION_URL", "x")],
+)
+def test_a_bad_operations_setting_stops_start_up_naming_it(variable: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import main"],
+        cwd=PROJECT_ROOT,
+        env={"PATH": os.environ["PATH"], variable: value, "DATABASE_URL": "sqlite:///:memory:"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Invalid configuration: {variable}:"), result.stderr

@@ -23,12 +23,12 @@ def test_preflight_from_allowed_origin_allows_methods_headers_and_credentials(cl
     assert {"authorization", "content-type"} <= headers
 
 
-def test_responses_expose_total_count_link_and_location(client: httpx.Client, auth: Callable, user_id: str) -> None:
+def test_responses_expose_the_headers_a_page_needs(client: httpx.Client, auth: Callable, user_id: str) -> None:
     response = client.get(f"/api/{user_id}/tasks", headers=auth(user_id) | {"Origin": FRONTEND_ORIGIN})
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == FRONTEND_ORIGIN
     exposed = {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
-    assert exposed == {"x-total-count", "link", "location"}
+    assert exposed == {"x-total-count", "link", "location", "retry-after", "x-request-id"}
 
 
 def test_error_responses_carry_cors_headers_so_the_browser_can_read_them(client: httpx.Client, user_id: str) -> None:

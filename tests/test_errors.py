@@ -30,10 +30,10 @@ def test_unknown_route_under_api_is_404(client: httpx.Client, auth: Callable, us
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("DELETE", "/api/u/tasks", {"GET", "POST"}),
-        ("POST", "/api/u/tasks/1", {"GET", "PUT", "PATCH", "DELETE"}),
+        ("DELETE", "/api/u/tasks", {"GET", "HEAD", "POST"}),
+        ("POST", "/api/u/tasks/1", {"GET", "HEAD", "PUT", "PATCH", "DELETE"}),
         ("GET", "/api/u/tasks/1/complete", {"PATCH"}),
-        ("POST", "/health", {"GET"}),
+        ("POST", "/health", {"GET", "HEAD"}),
     ],
 )
 def test_wrong_method_is_405_with_allow(client: httpx.Client, method: str, path: str, allowed: set[str]) -> None:
