@@ -189,7 +189,8 @@ def exercise_one_task(http: httpx.Client, user_id: str, headers: dict[str, str],
 
 
 class ServiceCommand:
-    """The production command, `python -m uvicorn main:app --workers 4`, as a child process.
+    """Several uvicorn workers (`python -m uvicorn main:app --workers 4`) as a child process: each worker
+    migrates at start-up, as under the production command.
 
     `start()` runs it; leaving the `with` block stops it. Its workers' output (stderr and stdout,
     shared by all) goes to a file, read with `output()`.
