@@ -111,15 +111,20 @@ class StallWatchdog:
 
     def __init__(self) -> None:
         self._waiting: dict[int, _Wait] = {}  # by thread id
+        self._thread_of: dict[int, int] = {}  # id(connection) -> the thread whose wait it is
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self, dbapi_connection: Any, seconds: float) -> None:
         """The calling thread's `dbapi_connection` now waits on the server, for `seconds` at the most."""
         wait = _Wait(dbapi_connection, time.monotonic() + seconds, os.dup(dbapi_connection.pgconn.socket))
+        thread = threading.get_ident()
         with self._lock:
-            replaced = self._waiting.pop(threading.get_ident(), None)
-            self._waiting[threading.get_ident()] = wait
+            replaced = self._waiting.pop(thread, None)
+            if replaced is not None:
+                self._thread_of.pop(id(replaced.connection), None)
+            self._waiting[thread] = wait
+            self._thread_of[id(dbapi_connection)] = thread
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="db-stall-watchdog", daemon=True)
                 self._thread.start()
@@ -130,17 +135,19 @@ class StallWatchdog:
         """The calling thread's connection has its answer (or its error)."""
         with self._lock:
             wait = self._waiting.pop(threading.get_ident(), None)
+            if wait is not None:
+                self._thread_of.pop(id(wait.connection), None)
         if wait is not None:
             os.close(wait.socket_fd)
 
     def forget(self, dbapi_connection: Any) -> None:
         """Stop watching `dbapi_connection`, whichever thread started it (it is back in the pool)."""
-        if not self._waiting:  # the usual case: every wait already ended with its statement
+        if id(dbapi_connection) not in self._thread_of:  # the usual case: its wait ended with its statement
             return
         with self._lock:
-            ended = [thread for thread, wait in self._waiting.items() if wait.connection is dbapi_connection]
-            waits = [self._waiting.pop(thread) for thread in ended]
-        for wait in waits:
+            thread = self._thread_of.pop(id(dbapi_connection), None)
+            wait = self._waiting.pop(thread, None) if thread is not None else None
+        if wait is not None:
             os.close(wait.socket_fd)
 
     def armed(self) -> int:
@@ -171,6 +178,7 @@ class StallWatchdog:
                         threading.Thread(target=_request_cancel, args=(wait.connection,), daemon=True).start()
                         continue
                     del self._waiting[thread]
+                    self._thread_of.pop(id(wait.connection), None)
                     with socket.socket(fileno=wait.socket_fd) as stalled:  # closes the duplicate afterwards
                         if still_waiting:
                             logger.warning("cutting a database connection: no answer to the cancel either")

@@ -108,25 +108,26 @@ class RequestContextMiddleware:
             if not started:
                 await send_json(send, 500, error_body(**INTERNAL_ERROR), added_headers)
         finally:
-            duration_ms = (time.perf_counter() - start) * 1000
-            route = scope.get("route")  # set by the router once a route matched
-            access_logger.info(
-                "%s %s %d %.1fms request_id=%s",
-                scope["method"],
-                escape_control_characters(scope["path"]),
-                status,
-                duration_ms,
-                request_id,
-                extra={
-                    "method": scope["method"],
-                    "route": getattr(route, "path", None),
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(duration_ms, 1),
-                    "request_id": request_id,
-                    "user_id": request_state.get("user_id"),
-                },
-            )
+            if access_logger.isEnabledFor(logging.INFO):  # off (LOG_LEVEL=warning): no work at all
+                duration_ms = (time.perf_counter() - start) * 1000
+                route = scope.get("route")  # set by the router once a route matched
+                access_logger.info(
+                    "%s %s %d %.1fms request_id=%s",
+                    scope["method"],
+                    escape_control_characters(scope["path"]),
+                    status,
+                    duration_ms,
+                    request_id,
+                    extra={
+                        "method": scope["method"],
+                        "route": getattr(route, "path", None),
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(duration_ms, 1),
+                        "request_id": request_id,
+                        "user_id": request_state.get("user_id"),
+                    },
+                )
 
 
 class InternalErrorMiddleware:
