@@ -281,7 +281,7 @@ def test_long_request_target_within_the_servers_limit_gets_the_contracts_answer(
 def test_task_id_of_thousands_of_digits_is_404_however_large(
     server: "LiveServer", auth: Auth, user_id: str, digits: int
 ) -> None:
-    # CONTRACT.md: "an integer with no task behind it, however large, is a 404".
+    # The API reference (docs/api.md): an integer with no task behind it, however large, is a 404.
     [response] = exchange_raw(server.port, raw_request("GET", tasks_url(user_id, "9" * digits), auth(user_id)))
 
     assert response.status == 404, response

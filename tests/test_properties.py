@@ -1,6 +1,6 @@
 """Property-based tests of the contract, over real HTTP on every test database.
 
-Hypothesis generates the inputs; each property is one promise of CONTRACT.md:
+Hypothesis generates the inputs; each property is one promise of the API (docs/api.md):
 
 - any text the contract accepts comes back exactly as sent (the title trimmed);
 - paging through any list, under any sort, order, status filter and search, returns every matching

@@ -1,6 +1,6 @@
 """One task at a time, as the contract promises it: create, read, update, delete, complete.
 
-Sections follow CONTRACT.md ("The task resource", "Routes", and the 404/422 rows of "Errors").
+Sections follow docs/api.md ("The task object", "Routes", and the 404/422 rows of "Errors").
 Every test runs against the real app over real HTTP, on SQLite and, when TEST_DATABASE_URL is
 set, on PostgreSQL (whose session time zone is deliberately not UTC).
 """
