@@ -17,6 +17,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from psycopg import pq
@@ -423,6 +424,21 @@ class Database:
         self.statement_timeout_ms = statement_timeout_ms
         self.schema_ready = not migrate_on_startup  # otherwise the schema is someone else's job
         self._migrating = threading.Lock()
+
+    def warn_if_schema_is_behind(self) -> None:
+        """Log a warning when the schema is not at the newest revision (for MIGRATE_ON_STARTUP=false)."""
+        try:
+            with self.engine.connect() as connection:
+                current = MigrationContext.configure(connection).get_current_revision()
+        except sa_exc.SQLAlchemyError:
+            return  # unreachable: requests will say so
+        newest = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        if current != newest:
+            logger.warning(
+                "the database schema is at revision %s, the service needs %s: run `python -m migrations`",
+                current or "none",
+                newest,
+            )
 
     def ensure_schema(self) -> None:
         """Migrate once; until that succeeds this raises DatabaseUnavailableError, and is retried.

@@ -123,6 +123,8 @@ def create_app(settings: Settings) -> FastAPI:
             without_credentials(settings.jwks_endpoint),
             "enabled" if settings.better_auth_secret else "disabled",
         )
+        if not settings.migrate_on_startup:
+            app.state.database.warn_if_schema_is_behind()
         try:
             app.state.database.ensure_schema()
         except DatabaseUnavailableError as error:

@@ -2,6 +2,7 @@
 `create_all`, no history) is adopted with every task intact, every revision downgrades, and the models
 and the newest revision agree. On SQLite and PostgreSQL."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -255,14 +256,24 @@ def test_the_models_and_the_newest_revision_agree(engine: Engine, new_database_u
         from_models.dispose()
 
 
-def test_without_migrate_on_start_up_the_schema_is_left_alone(
+def test_without_migrate_on_start_up_the_schema_is_left_alone_and_its_lag_is_logged(
     empty_database_url: str, engine: Engine, jwks_server: JwksServer, serve: Serve
 ) -> None:
-    settings = make_settings(empty_database_url, jwks_server, MIGRATE_ON_STARTUP="false")
-    with serve(create_app(settings)) as live:
-        assert httpx.get(f"{live.url}/health").status_code == 200
+    records: list[logging.LogRecord] = []
+    collector = logging.Handler()
+    collector.emit = records.append  # type: ignore[method-assign]
+    database_logger = logging.getLogger("todo.database")
+    database_logger.addHandler(collector)
+    try:
+        settings = make_settings(empty_database_url, jwks_server, MIGRATE_ON_STARTUP="false")
+        with serve(create_app(settings)) as live:
+            assert httpx.get(f"{live.url}/health").status_code == 200
+    finally:
+        database_logger.removeHandler(collector)
     assert not inspect(engine).has_table("tasks")
     assert current_revision(engine) is None
+    warnings = [record.getMessage() for record in records if record.levelno == logging.WARNING]
+    assert any(f"at revision none, the service needs {HEAD}" in message for message in warnings), warnings
 
 
 WORKERS = 4
