@@ -4,20 +4,18 @@ Built on prometheus-client, the Prometheus project's own Python client. Nothing 
 no middleware is added, unless metrics are enabled; `count_key_set_fetch` and `count_rate_limit_refusal`
 are then no-ops, so other modules may call them unconditionally.
 
-Several workers (`uvicorn --workers N`) use the library's multiprocess mode: each worker writes its
-values to files in one shared directory, and a scrape, whichever worker answers it, sums them all. The
-directory is PROMETHEUS_MULTIPROC_DIR when the operator sets it (they must then empty it at each deploy,
-as prometheus-client requires). Otherwise a uvicorn worker derives it from its supervisor (its parent
-process): `<temp dir>/todo-metrics-<supervisor pid>-<supervisor start time>`, so every worker of one
-supervisor shares it, and a later supervisor that reuses the pid gets a fresh one instead of the old
-run's counts. Directories of supervisors that are gone are removed when a worker starts. A process that
-is not a worker (plain `uvicorn main:app`) keeps its values in memory.
+Several workers use the library's multiprocess mode: each worker writes its values to files in the
+directory PROMETHEUS_MULTIPROC_DIR names, and a scrape, whichever worker answers it, sums them all. The
+production command's master (gunicorn.conf.py) makes that directory before it starts the workers:
+`<temp dir>/todo-metrics-<master pid>-<master start time>`, new for every start (a later master that
+reuses the pid gets a fresh one), removing those of masters that are gone; and it drops the live gauges
+of a worker that exits. An operator may set the variable instead (and then empties the directory at each
+deploy, as prometheus-client requires). A process without it (plain `uvicorn main:app`) keeps its values
+in memory.
 """
 
 import contextlib
-import multiprocessing
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -49,7 +47,6 @@ KEY_SET_FETCH_RESULTS = ("success", "failure")
 RATE_LIMIT_SCOPES = ("user", "address")
 # How often each worker writes down its connection pool's use, for scrapes answered by another worker.
 POOL_SAMPLE_SECONDS = 1.0
-_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w*?_(\d+)\.db")
 
 
 def process_start_time(pid: int) -> str | None:
@@ -69,12 +66,7 @@ def supervisor_identity(pid: int) -> str:
 def multiprocess_directory() -> Path | None:
     """Where this process shares its metrics with its sibling workers, or None when it runs alone."""
     configured = os.environ.get(MULTIPROCESS_DIRECTORY_VARIABLE)
-    if configured:
-        return Path(configured)
-    parent = multiprocessing.parent_process()  # uvicorn starts its workers with multiprocessing
-    if parent is None or parent.pid is None:
-        return None
-    return Path(tempfile.gettempdir()) / f"{DIRECTORY_PREFIX}{supervisor_identity(parent.pid)}"
+    return Path(configured) if configured else None
 
 
 def remove_directories_of_dead_supervisors(temp_dir: Path) -> None:
@@ -96,33 +88,14 @@ def prepare_directory(directory: Path) -> None:
         raise RuntimeError(f"{directory} belongs to another user: set {MULTIPROCESS_DIRECTORY_VARIABLE}")
 
 
-def remove_gauges_of_dead_workers(directory: Path) -> None:
-    """Drop the live gauges (requests in flight, pool use) of workers that died without cleaning up."""
-    from prometheus_client import multiprocess
-
-    for path in directory.glob("gauge_live*.db"):
-        found = _LIVE_GAUGE_FILE.fullmatch(path.name)
-        if found is None or int(found[1]) == os.getpid():
-            continue
-        try:
-            os.kill(int(found[1]), 0)
-        except ProcessLookupError:
-            multiprocess.mark_process_dead(int(found[1]), str(directory))
-        except PermissionError:
-            pass  # alive, as another user
-
-
 class ServiceMetrics:
     """Every metric family of the service, made once per process, and how to scrape them."""
 
     def __init__(self, directory: Path | None) -> None:
         # Imported here, after PROMETHEUS_MULTIPROC_DIR is set: the library reads it on import.
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
         self.directory = directory
-        if directory is not None and not values.ValueClass._multiprocess:
-            # Something imported the library before the variable was set: choose its values again.
-            values.ValueClass = values.get_value_class()
         # Single process: the metrics live in this registry. Several: they live in files, which the
         # collector reads; the metric objects themselves then belong to no registry.
         self.registry = CollectorRegistry()
@@ -195,8 +168,6 @@ class ServiceMetrics:
         """Every metric in the Prometheus text format, summed over the workers."""
         from prometheus_client import generate_latest
 
-        if self.directory is not None:
-            remove_gauges_of_dead_workers(self.directory)
         return generate_latest(self.registry)
 
 
@@ -211,8 +182,7 @@ def enable_metrics() -> ServiceMetrics:
         if _service_metrics is None:
             directory = multiprocess_directory()
             if directory is not None:
-                prepare_directory(directory)
-                os.environ[MULTIPROCESS_DIRECTORY_VARIABLE] = str(directory)  # the library reads it here
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # the master made it, or the operator
             _service_metrics = ServiceMetrics(directory)
     return _service_metrics
 

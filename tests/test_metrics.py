@@ -1,6 +1,7 @@
 """`GET /metrics`: off by default; when on, Prometheus text with every family, labelled by route template,
-and one scrape sees every uvicorn worker's counts. The service runs as `python -m uvicorn main:app` in a
-process of its own (metrics are per process), on a real database, with real tokens and a real key set."""
+and one scrape sees every worker's counts. The service runs in a process of its own (metrics are per
+process): `python -m uvicorn main:app` alone, or the production command (gunicorn with uvicorn workers) when
+a test needs several workers; on a real database, with real tokens and a real key set."""
 
 import os
 import re
@@ -78,16 +79,20 @@ class Scrape:
 
 
 class MetricsService:
-    """The service with METRICS_ENABLED=true, run by uvicorn in a process of its own (and its workers)."""
+    """The service with METRICS_ENABLED=true in a process of its own: plain uvicorn, or with `workers` the
+    production command (gunicorn.conf.py), whose master gives the workers their shared directory."""
 
     def __init__(self, database_url: str, key_set_base_url: str, temp_dir: Path, workers: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.temp_dir = temp_dir
-        self.log = temp_dir / f"uvicorn-{self.port}.log"
+        self.log = temp_dir / f"service-{self.port}.log"
         self.command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
         if workers is not None:
-            self.command += ["--workers", str(workers)]
+            self.command = [
+                *[sys.executable, "-m", "gunicorn", "main:app", "--config", "gunicorn.conf.py"],
+                *["--bind", f"127.0.0.1:{self.port}", "--workers", str(workers)],
+            ]
         self.env = {name: value for name, value in os.environ.items() if name not in WITHHELD_VARIABLES} | {
             "METRICS_ENABLED": "true",
             "DATABASE_URL": database_url,
@@ -416,7 +421,7 @@ def test_a_killed_workers_live_gauges_are_dropped_and_its_counts_kept(database_u
         assert parent_of(victim) == service.process.pid
         os.kill(victim, signal.SIGKILL)  # no shutdown, so no clean-up of its own
 
-        # uvicorn starts a worker in its place: two live workers' pools again, not the dead one's as well.
+        # The master starts a worker in its place: two live workers' pools again, not the dead one's as well.
         recovered = service.scrape_until(
             lambda scrape: scrape.value("todo_db_pool_size") == 2 * size
             and not (directory / f"gauge_livesum_{victim}.db").exists()
