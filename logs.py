@@ -22,10 +22,12 @@ REQUEST_FIELDS = ("method", "route", "path", "status", "duration_ms", "request_i
 TRACEBACK_INDENT = "    "
 
 # Every character that ends a line (for `str.splitlines()` or a terminal) or drives a terminal: C0 and C1
-# controls, DEL, Unicode's line and paragraph separators. Unlike middleware.escape_control_characters, the
-# backslash is kept, so that a path the access line already escaped is not escaped twice.
+# controls, DEL, Unicode's line and paragraph separators.
 _LINE_BREAKERS = [*range(0x00, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
 _LINE_BREAK_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _LINE_BREAKERS}
+# Text a client chose (a request's path) also has its backslashes escaped, so that it cannot write an
+# escape that passes for one of ours; the formatters keep backslashes, so such text is not escaped twice.
+_CLIENT_TEXT_ESCAPES = _LINE_BREAK_ESCAPES | {ord("\\"): "\\\\"}
 
 
 def escape_line_breaks(text: str) -> str:
@@ -33,6 +35,13 @@ def escape_line_breaks(text: str) -> str:
     if text.isprintable():  # the usual path: nothing to do
         return text
     return text.translate(_LINE_BREAK_ESCAPES)
+
+
+def escape_client_text(text: str) -> str:
+    """Client-chosen `text` for a log message: control characters and backslashes escaped."""
+    if text.isprintable() and "\\" not in text:  # the usual path: nothing to do
+        return text
+    return text.translate(_CLIENT_TEXT_ESCAPES)
 
 
 def record_message(record: logging.LogRecord) -> str:

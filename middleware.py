@@ -13,6 +13,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from logs import escape_client_text
+
 logger = logging.getLogger("todo")
 access_logger = logging.getLogger("todo.access")
 
@@ -22,20 +24,6 @@ INTERNAL_ERROR = {"detail": "Internal server error", "code": "internal_error"}
 # How long a client should wait before retrying a 503 that says nothing more precise.
 RETRY_AFTER_SECONDS = 1
 USER_DATA_PREFIX = "/api/"
-
-# Every character that could end a log line or drive a terminal, written as an escape instead:
-# C0 and C1 controls, DEL, and Unicode's line and paragraph separators.
-_CONTROL_CHARACTERS = [*range(0x00, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
-_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _CONTROL_CHARACTERS}
-_ESCAPES[ord("\\")] = "\\\\"  # so an escape written by a client cannot pass for one written here
-
-
-def escape_control_characters(text: str) -> str:
-    """`text` with every control character (and the backslash) escaped: it cannot start a new log line."""
-    if text.isprintable() and "\\" not in text:  # the usual path: nothing to do
-        return text
-    return text.translate(_ESCAPES)
-
 
 def new_request_id() -> str:
     """32 random hex digits: unique enough to find one request in the logs, without a system call.
@@ -114,7 +102,7 @@ class RequestContextMiddleware:
                 access_logger.info(
                     "%s %s %d %.1fms request_id=%s",
                     scope["method"],
-                    escape_control_characters(scope["path"]),
+                    escape_client_text(scope["path"]),
                     status,
                     duration_ms,
                     request_id,
