@@ -224,6 +224,50 @@ def has_unread_input(dbapi_connection: Any) -> bool:
     return bool(poller.poll(0))
 
 
+def _in_transaction(dbapi_connection: Any) -> bool:
+    """Whether a connection is inside a transaction (PostgreSQL's or SQLite's)."""
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        return dbapi_connection.in_transaction
+    return not dbapi_connection.closed and dbapi_connection.pgconn.transaction_status != pq.TransactionStatus.IDLE
+
+
+def _never_pool_an_open_transaction(engine: Engine) -> None:
+    """Roll back a transaction still open on a connection handed back to the pool.
+
+    `transaction()` always ends what it began, so this should never act; but the pool does no reset
+    on return (autocommit), and one leaked transaction would hold its locks and hand its uncommitted
+    writes to the next request.
+    """
+
+    def on_checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None and _in_transaction(dbapi_connection):
+            logger.warning("a connection came back to the pool inside a transaction: rolling it back")
+            with contextlib.suppress(Exception):  # a broken connection is replaced on its next checkout
+                dbapi_connection.rollback()
+
+    event.listen(engine, "checkin", on_checkin)
+
+
+@contextlib.contextmanager
+def transaction(session: Session) -> Iterator[Connection]:
+    """Run the block's statements on the session's connection as one transaction, committed at its end.
+
+    The engine runs in autocommit, where every statement is its own transaction; a change that takes
+    several statements (a write and its idempotency record, a restore and its quota check) says so
+    with this. On SQLite the transaction takes the write lock at once (`BEGIN IMMEDIATE`), so two
+    writers queue instead of failing. Any error rolls it back, and nothing of it stays.
+    """
+    connection = session.connection()
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.dialect.name == "sqlite" else "BEGIN")
+    try:
+        yield connection
+    except BaseException:
+        with contextlib.suppress(sa_exc.DBAPIError):  # a connection that broke has rolled back already
+            connection.exec_driver_sql("ROLLBACK")
+        raise
+    connection.exec_driver_sql("COMMIT")
+
+
 def _check_before_use(engine: Engine) -> None:
     """Pre-ping pooled connections, with a round trip only for those idle a while.
 
@@ -259,8 +303,9 @@ def _check_before_use(engine: Engine) -> None:
 def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> Engine:
     """One engine for the process, tuned for the backend behind `url`.
 
-    Every route sends one statement, so connections run in autocommit: no BEGIN, COMMIT or
-    ROLLBACK round trips, and every statement is its own atomic transaction.
+    Most requests send one statement, so connections run in autocommit: no BEGIN, COMMIT or
+    ROLLBACK round trips, and every statement is its own atomic transaction; `transaction()` groups
+    the statements of the few changes that take more than one.
     """
     if url.get_backend_name() == "sqlite":
         engine = create_engine(
@@ -270,6 +315,7 @@ def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS)
             hide_parameters=True,  # statement parameters are users' text: never in a log or an error
         )
         event.listen(engine, "connect", _configure_sqlite_connection)
+        _never_pool_an_open_transaction(engine)
         return engine
 
     # No server-side prepared statements: psycopg's bookkeeping for them costs more CPU here than
@@ -295,6 +341,7 @@ def create_db_engine(url: URL, statement_timeout_ms: int = STATEMENT_TIMEOUT_MS)
     event.listen(engine, "connect", _use_utc_session)
     _watch_for_stalls(engine, statement_timeout_ms / 1000 + STALL_MARGIN_SECONDS)
     _check_before_use(engine)
+    _never_pool_an_open_transaction(engine)
     return engine
 
 
@@ -379,9 +426,7 @@ def migrate(connection: Connection) -> None:
     it is recorded at the baseline revision, which describes exactly that schema, then upgraded.
     """
     config = alembic_config(connection)
-    if MigrationContext.configure(connection).get_current_revision() is None and inspect(connection).has_table(
-        "tasks"
-    ):
+    if MigrationContext.configure(connection).get_current_revision() is None and inspect(connection).has_table("tasks"):
         logger.info("adopting a database made before migrations: recording it at revision %s", BASELINE_REVISION)
         command.stamp(config, BASELINE_REVISION)
     command.upgrade(config, "head")

@@ -15,6 +15,7 @@ from starlette.routing import Match
 
 from auth import TokenVerifier, bearer_scheme, get_current_user_id, without_credentials
 from database import Database, DatabaseUnavailableError
+from housekeeping import housekeeping
 from logs import configure_logging
 from middleware import (
     MAX_BODY_BYTES,
@@ -24,7 +25,7 @@ from middleware import (
     JSONErrorCORSMiddleware,
     RequestContextMiddleware,
 )
-from routes import health, tasks
+from routes import changes, health, tags, tasks, trash
 from schemas import ApiError
 from settings import VERSION, Settings, load_settings
 
@@ -36,6 +37,8 @@ CODES_BY_STATUS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
+    412: "precondition_failed",
     413: "payload_too_large",
     422: "validation_error",
     503: "service_unavailable",
@@ -129,7 +132,10 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.database.ensure_schema()
         except DatabaseUnavailableError as error:
             logger.warning("database not ready at start-up (%s); it will be migrated when it is back", error)
-        yield
+        async with housekeeping(
+            app.state.database.engine, settings.trash_retention_days, settings.housekeeping_interval_seconds
+        ):
+            yield
         app.state.database.engine.dispose()
 
     app = FastAPI(
@@ -138,6 +144,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Each user's tasks, behind Better Auth tokens. The full reference is docs/api.md.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.database = Database(
         settings.database,
         migration_url=settings.migration_database,
@@ -155,8 +162,16 @@ def create_app(settings: Settings) -> FastAPI:
         allow_origins=["*"] if allow_any_origin else settings.allowed_origins,
         allow_credentials=not allow_any_origin,  # a wildcard origin never goes with credentials
         allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type"],
-        expose_headers=["X-Total-Count", "Link", "Location", "Retry-After", "X-Request-ID"],
+        allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
+        expose_headers=[
+            "X-Total-Count",
+            "Link",
+            "Location",
+            "ETag",
+            "Retry-After",
+            "Idempotent-Replayed",
+            "X-Request-ID",
+        ],
         max_age=600,
     )
     app.add_middleware(RequestContextMiddleware)
@@ -172,6 +187,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(sa_exc.DataError, unstorable_value_handler)
 
     app.include_router(tasks.router)  # first: routes are matched in order, and these take the traffic
+    app.include_router(tags.router)
+    app.include_router(trash.router)
+    app.include_router(changes.router)
     app.include_router(health.router)
     return app
 

@@ -5,6 +5,7 @@ from functools import cached_property
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
+from fastapi import Depends, Request
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
@@ -37,6 +38,10 @@ ENV_NAMES = {
     "migrate_on_startup": "MIGRATE_ON_STARTUP",
     "database_migration_url": "DATABASE_MIGRATION_URL",
     "metrics_enabled": "METRICS_ENABLED",
+    "max_tasks_per_user": "MAX_TASKS_PER_USER",
+    "trash_retention_days": "TRASH_RETENTION_DAYS",
+    "idempotency_ttl_seconds": "IDEMPOTENCY_TTL_SECONDS",
+    "housekeeping_interval_seconds": "HOUSEKEEPING_INTERVAL_SECONDS",
 }
 
 
@@ -136,6 +141,10 @@ class Settings(BaseSettings):
     migrate_on_startup: bool = True
     database_migration_url: str | None = Field(default=None, repr=False)  # it may hold a password
     metrics_enabled: bool = False
+    max_tasks_per_user: int = Field(default=10_000, ge=0)  # 0: no quota
+    trash_retention_days: int = Field(default=30, ge=1)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
+    housekeeping_interval_seconds: int = Field(default=600, ge=1)
 
     @field_validator("database_url")
     @classmethod
@@ -263,6 +272,14 @@ class Settings(BaseSettings):
         """Browser origins allowed by CORS, in order and without repeats."""
         origins = [*self.cors_origins, *([self.frontend_url] if self.frontend_url else [])]
         return list(dict.fromkeys(origins)) or [DEFAULT_FRONTEND]
+
+
+def app_settings(request: Request) -> Settings:
+    """The running app's settings."""
+    return request.app.state.settings
+
+
+AppSettings = Annotated[Settings, Depends(app_settings)]
 
 
 def load_settings() -> Settings:

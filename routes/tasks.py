@@ -1,19 +1,29 @@
-"""The task routes: every one acts only on the token's user's tasks."""
+"""The task routes: every one acts only on the token's user's live tasks (those in the trash are a 404 here)."""
 
 from functools import cache
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, status
-from pydantic import TypeAdapter
-from sqlalchemy import Row, Select, and_, bindparam, delete, func, insert, not_, or_, select, update
-from starlette.datastructures import URL
+from sqlalchemy import Select, and_, bindparam, func, not_, or_, select
 
 from auth import CurrentUserId
 from database import SessionDep
-from models import MAX_TASK_ID, Task, utc_now
+from idempotency import REPLAYED, RetryableRequest, respond_once
+from models import TaskTag, UTCDateTime, utc_now
+from responses import (
+    ETAG_HEADER,
+    NOT_MODIFIED,
+    PAGE_HEADERS,
+    TASK_LIST,
+    IfMatch,
+    IfNoneMatch,
+    expected_versions,
+    list_response,
+    paging_headers,
+    task_response,
+    user_url,
+)
 from schemas import (
-    ApiError,
     CompletionUpdate,
     SortOrder,
     TaskCreate,
@@ -23,6 +33,26 @@ from schemas import (
     TaskStatus,
     TaskUpdate,
     error_responses,
+    tag_key,
+)
+from settings import AppSettings
+from store import (
+    COMPLETED_AT_WHEN_COMPLETED,
+    COMPLETED_AT_WHEN_TOGGLED,
+    IS_LIVE,
+    NOW,
+    READ_TASK,
+    TASK_COLUMNS,
+    apply_change,
+    change_statement,
+    column,
+    found,
+    insert_task,
+    owned_task_params,
+    page_statements,
+    page_total,
+    precondition_failed,
+    task_fields,
 )
 
 router = APIRouter(
@@ -31,129 +61,102 @@ router = APIRouter(
     responses=error_responses(401, 403, 422, 503),
 )
 
-# Routes work on the table's rows, not ORM objects: a task is read only to be serialised, so there is
-# nothing for the ORM to track. Statements are built once, with bound parameters, not per request.
-tasks = Task.__table__
-column = tasks.c
-# Every statement returns the public fields, in TaskPublic's order (see `task_fields`).
-TASK_FIELDS = tuple(TaskPublic.model_fields)
-TASK_COLUMNS = tuple(column[name] for name in TASK_FIELDS)
-
-# The one rule for every single-task statement: this id, and this user's.
-IS_OWNED = and_(column.id == bindparam("task_id"), column.user_id == bindparam("owner_id"))
-READ_TASK = select(*TASK_COLUMNS).where(IS_OWNED)
-TOGGLE_TASK = (
-    update(tasks)
-    .where(IS_OWNED)
-    .values(completed=not_(column.completed), updated_at=bindparam("now"))
-    .returning(*TASK_COLUMNS)
-)
-SET_COMPLETED = (
-    update(tasks)
-    .where(IS_OWNED)
-    .values(completed=bindparam("new_completed"), updated_at=bindparam("now"))
-    .returning(*TASK_COLUMNS)
-)
-DELETE_TASK = delete(tasks).where(IS_OWNED).returning(column.id)
-CREATE_TASK = insert(tasks).returning(*TASK_COLUMNS)
-
+task_tags = TaskTag.__table__
 SORT_KEYS = {
     TaskSort.created: column.created_at,
     TaskSort.updated: column.updated_at,
     TaskSort.title: func.lower(column.title),
     TaskSort.due_date: column.due_date,
+    TaskSort.priority: column.priority,
+    TaskSort.completed_at: column.completed_at,
 }
-DEFAULT_ORDER = {
-    TaskSort.created: SortOrder.desc,
-    TaskSort.updated: SortOrder.desc,
-    TaskSort.title: SortOrder.asc,
-    TaskSort.due_date: SortOrder.asc,
+ASCENDING_BY_DEFAULT = {TaskSort.title, TaskSort.due_date}
+# Tasks without a value for these come last in either direction.
+NULLS_LAST = {TaskSort.due_date, TaskSort.completed_at}
+TOGGLE_TASK = {
+    conditional: change_statement(
+        {"completed": not_(column.completed), "completed_at": COMPLETED_AT_WHEN_TOGGLED}, conditional
+    )
+    for conditional in (False, True)
 }
-TASK_NOT_FOUND = error_responses(404)
-TASK_LIST = TypeAdapter(list[TaskPublic])
-MAX_TASK_ID_DIGITS = len(str(MAX_TASK_ID))
+SET_COMPLETED = {
+    (completed, conditional): change_statement(
+        {"completed": completed, "completed_at": COMPLETED_AT_WHEN_COMPLETED if completed else None}, conditional
+    )
+    for completed in (False, True)
+    for conditional in (False, True)
+}
+TRASH_TASK = {conditional: change_statement({"deleted_at": NOW}, conditional) for conditional in (False, True)}
+TASK_HEADERS = {200: {"headers": ETAG_HEADER}}
+CHANGE_RESPONSES = TASK_HEADERS | error_responses(404, 412, 413)
+RETRYABLE_RESPONSES = {
+    "headers": ETAG_HEADER
+    | {REPLAYED: {"description": "`true` when this is a remembered response, replayed", "schema": {"type": "string"}}}
+}
 
 
-def task_not_found() -> ApiError:
-    """The one answer for a task that is missing or belongs to someone else."""
-    return ApiError(404, "Task not found", "task_not_found")
+def default_order(sort: TaskSort) -> SortOrder:
+    """The direction a sort takes when `order` is not given."""
+    return SortOrder.asc if sort in ASCENDING_BY_DEFAULT else SortOrder.desc
 
 
 async def get_owned_task(
     user_id: CurrentUserId,
     task_id: Annotated[str, Path(pattern=r"^-?[0-9]+$", description="The task's id (an integer)")],
 ) -> dict[str, object]:
-    """The parameters of `IS_OWNED` for this user's task `task_id`; 404 at once for an id no task can have.
-
-    The id is taken as digits, not parsed by pydantic, because an integer of any length (even past
-    the 4300 digits Python parses by default) is a 404, not a 422; leading zeros do not count.
-    """
-    digits = task_id.lstrip("0")
-    if task_id.startswith("-") or not digits or len(digits) > MAX_TASK_ID_DIGITS or int(digits) > MAX_TASK_ID:
-        raise task_not_found()
-    return {"task_id": int(digits), "owner_id": user_id}
+    """The parameters that name this user's task `task_id` in a statement; 404 at once for an id no task can have."""
+    return owned_task_params(user_id, task_id)
 
 
 OwnedTask = Annotated[dict[str, object], Depends(get_owned_task)]
 
 
-def as_json(
-    content: TaskPublic | list[TaskPublic], status_code: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    """The task(s) as a ready JSON response.
-
-    Returning a Response spares FastAPI validating again the model the route just built, which for
-    a sync route would also cost a second trip through the thread pool. The routes' `response_model`
-    still documents the body.
-    """
-    body = content.model_dump_json() if isinstance(content, TaskPublic) else TASK_LIST.dump_json(content)
-    return Response(body, status_code, headers, media_type="application/json")
-
-
-def task_fields(row: Row) -> dict[str, Any]:
-    """A task row's public fields by name.
-
-    Pydantic reads a dict many times faster than a row's attributes, which matters on a page of 50.
-    """
-    return dict(zip(TASK_FIELDS, row, strict=False))  # a list row also carries its `total` last
-
-
-def found(row: Row | None) -> TaskPublic:
-    """The task a statement matched, or 404."""
-    if row is None:
-        raise task_not_found()
-    return TaskPublic.model_validate(task_fields(row))
+def carries_tag(number: int) -> Any:
+    """The condition that a task carries the tag in parameter `tag_{number}`, by the tags' index."""
+    return column.id.in_(
+        select(task_tags.c.task_id).where(
+            task_tags.c.user_id == bindparam("owner_id"),
+            task_tags.c.tag_key == func.lower(bindparam(f"tag_{number}")),
+        )
+    )
 
 
 @cache
 def list_statements(
-    shown: TaskStatus, sort: TaskSort, order: SortOrder, searching: bool
+    shown: TaskStatus,
+    sort: TaskSort,
+    order: SortOrder,
+    searching: bool,
+    by_priority: bool,
+    tag_count: int,
+    due_after: bool,
+    due_before: bool,
 ) -> tuple[Select[Any], Select[Any]]:
     """The page and the count statements of one kind of list query, built once.
 
-    Parameters: `owner_id`, `pattern` (when searching), `limit`, `offset`. The order is total: the
-    sort key (tasks without a due date last), then the id, in the same direction.
+    Parameters: `owner_id`, and as the kind needs `pattern`, `priorities`, `tag_0`..., `due_after`,
+    `due_before`; then `limit`, `offset`. The order is total: the sort key (tasks without a due date or
+    a completion last), then the id, in the same direction.
     """
-    conditions = [column.user_id == bindparam("owner_id")]
+    conditions = [column.user_id == bindparam("owner_id"), IS_LIVE]
     if shown is not TaskStatus.all:
         conditions.append(column.completed.is_(shown is TaskStatus.completed))
     if searching:
         pattern = bindparam("pattern")
         conditions.append(or_(column.title.ilike(pattern, escape="\\"), column.description.ilike(pattern, escape="\\")))
-    matches = and_(*conditions)
+    if by_priority:
+        conditions.append(column.priority.in_(bindparam("priorities", expanding=True)))
+    conditions.extend(carries_tag(number) for number in range(tag_count))
+    if due_after:
+        conditions.append(column.due_date >= bindparam("due_after", type_=UTCDateTime()))
+    if due_before:
+        conditions.append(column.due_date < bindparam("due_before", type_=UTCDateTime()))
     key = SORT_KEYS[sort]
     primary = key.desc() if order is SortOrder.desc else key.asc()
-    if sort is TaskSort.due_date:
+    if sort in NULLS_LAST:
         primary = primary.nulls_last()
     tiebreak = column.id.desc() if order is SortOrder.desc else column.id.asc()
-    page = (
-        select(*TASK_COLUMNS, func.count().over().label("total"))
-        .where(matches)
-        .order_by(primary, tiebreak)
-        .limit(bindparam("limit"))
-        .offset(bindparam("offset"))
-    )
-    return page, select(func.count()).select_from(tasks).where(matches)
+    return page_statements(and_(*conditions), [primary, tiebreak], TASK_COLUMNS)
 
 
 def search_pattern(text: str) -> str:
@@ -161,71 +164,52 @@ def search_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def user_url(request: Request, route_name: str, user_id: str, **path_params: object) -> URL:
-    """The absolute URL of one of `user_id`'s routes, the user id percent-encoded (any Unicode, `?`, `#`, `%`)."""
-    return request.url_for(route_name, user_id=quote(user_id, safe=""), **path_params)
-
-
-def page_link_header(request: Request, route_name: str, user_id: str, query: TaskListQuery, total: int) -> str | None:
-    """An RFC 8288 `Link` header with the next and previous pages, when there are any.
-
-    The links keep the request's own query, with the page's `offset` and `limit` replaced.
-    """
-    links = []
-    this_page = user_url(request, route_name, user_id).replace(query=request.url.query)
-    if query.offset + query.limit < total:
-        next_url = this_page.include_query_params(offset=query.offset + query.limit, limit=query.limit)
-        links.append(f'<{next_url}>; rel="next"')
-    if query.offset > 0:
-        previous_offset = max(0, min(query.offset, total) - query.limit)
-        previous_url = this_page.include_query_params(offset=previous_offset, limit=query.limit)
-        links.append(f'<{previous_url}>; rel="prev"')
-    return ", ".join(links) or None
+def list_parameters(user_id: str, query: TaskListQuery, tags: list[str]) -> dict[str, Any]:
+    """The statement parameters of a list query."""
+    params: dict[str, Any] = {"owner_id": user_id, "limit": query.limit, "offset": query.offset}
+    if query.q:
+        params["pattern"] = search_pattern(query.q)
+    if query.priority:
+        params["priorities"] = query.priority
+    params.update({f"tag_{number}": tag for number, tag in enumerate(tags)})
+    if query.due_after:
+        params["due_after"] = query.due_after
+    if query.due_before:
+        params["due_before"] = query.due_before
+    return params
 
 
 @router.get(
     "",
     response_model=list[TaskPublic],
     summary="List the user's tasks",
-    responses={
-        200: {
-            "headers": {
-                "X-Total-Count": {
-                    "description": "Matching tasks, ignoring limit/offset",
-                    "schema": {"type": "integer"},
-                },
-                "Link": {
-                    "description": 'RFC 8288 links to the rel="next" and rel="prev" pages',
-                    "schema": {"type": "string"},
-                },
-            }
-        }
-    },
+    responses={200: {"headers": PAGE_HEADERS}, **NOT_MODIFIED},
 )
 def list_tasks(
     user_id: CurrentUserId,
     query: Annotated[TaskListQuery, Query()],
     session: SessionDep,
     request: Request,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """One page of the user's tasks, with the total in `X-Total-Count`, in one query."""
-    order = query.order or DEFAULT_ORDER[query.sort]
-    page, count = list_statements(query.status, query.sort, order, bool(query.q))
-    params = {"owner_id": user_id, "limit": query.limit, "offset": query.offset}
-    if query.q:
-        params["pattern"] = search_pattern(query.q)
+    tags = list({tag_key(tag): tag for tag in query.tag or []}.values())  # each tag once, case-insensitively
+    page, count = list_statements(
+        query.status,
+        query.sort,
+        query.order or default_order(query.sort),
+        bool(query.q),
+        bool(query.priority),
+        len(tags),
+        query.due_after is not None,
+        query.due_before is not None,
+    )
+    params = list_parameters(user_id, query, tags)
     rows = session.exec(page, params=params).all()
-    if rows:
-        total = rows[0].total
-    elif query.offset == 0:
-        total = 0
-    else:  # past the last page: the window count has no row to ride on
-        total = session.exec(count, params=params).scalar_one()
+    total = page_total(session, rows, count, params)
     session.commit()
-    headers = {"X-Total-Count": str(total)}
-    if link := page_link_header(request, "list_tasks", user_id, query, total):
-        headers["Link"] = link
-    return as_json(TASK_LIST.validate_python([task_fields(row) for row in rows]), headers=headers)
+    body = TASK_LIST.dump_json(TASK_LIST.validate_python([task_fields(row) for row in rows]))
+    return list_response(body, paging_headers(request, "list_tasks", user_id, query, total), if_none_match)
 
 
 @router.post(
@@ -234,8 +218,11 @@ def list_tasks(
     response_model=TaskPublic,
     summary="Create a task",
     responses={
-        201: {"headers": {"Location": {"description": "The new task's URL", "schema": {"type": "string"}}}},
-        **error_responses(413),
+        201: {
+            "headers": RETRYABLE_RESPONSES["headers"]
+            | {"Location": {"description": "The new task's URL", "schema": {"type": "string"}}}
+        },
+        **error_responses(409, 413),
     },
 )
 def create_task(
@@ -243,90 +230,110 @@ def create_task(
     new_task: TaskCreate,
     session: SessionDep,
     request: Request,
+    settings: AppSettings,
+    retry: RetryableRequest,
 ) -> Response:
-    """Store a new task for the user; its URL is in `Location`."""
-    now = utc_now()
-    values = new_task.model_dump() | {"user_id": user_id, "created_at": now, "updated_at": now}
-    task = found(session.exec(CREATE_TASK, params=values).one())
+    """Store a new task for the user; its URL is in `Location`. Safe to retry with an `Idempotency-Key`."""
+
+    def create() -> Response:
+        now = utc_now()
+        values = new_task.model_dump() | {"completed_at": now if new_task.completed else None, "now": now}
+        task = found(insert_task(session, user_id, values, settings.max_tasks_per_user))
+        location = str(user_url(request, "read_task", user_id, task_id=task.id))
+        return task_response(task, status.HTTP_201_CREATED, {"Location": location})
+
+    response = respond_once(session, retry, settings.idempotency_ttl_seconds, create)
     session.commit()
-    location = str(user_url(request, "read_task", user_id, task_id=task.id))
-    return as_json(task, status.HTTP_201_CREATED, {"Location": location})
+    return response
 
 
-@router.get("/{task_id}", response_model=TaskPublic, summary="Get one task", responses=TASK_NOT_FOUND)
-def read_task(owned: OwnedTask, session: SessionDep) -> Response:
-    """The user's task."""
+@router.get(
+    "/{task_id}",
+    response_model=TaskPublic,
+    summary="Get one task",
+    responses=TASK_HEADERS | NOT_MODIFIED | error_responses(404),
+)
+def read_task(owned: OwnedTask, session: SessionDep, if_none_match: IfNoneMatch = None) -> Response:
+    """The user's task, with its ETag; `304` when `If-None-Match` already names it."""
     row = session.exec(READ_TASK, params=owned).one_or_none()
     session.commit()
-    return as_json(found(row))
+    return task_response(found(row), if_none_match=if_none_match)
 
 
-def apply_changes(owned: OwnedTask, changes: TaskUpdate, session: SessionDep) -> Response:
-    """Change only the fields sent, in one statement; `updated_at` moves only when something is sent."""
-    values = changes.model_dump(exclude_unset=True)
-    if not values:
-        return read_task(owned, session)
-    statement = update(tasks).where(IS_OWNED).values(**values, updated_at=utc_now()).returning(*TASK_COLUMNS)
-    row = session.exec(statement, params=owned).one_or_none()
+def apply_changes(owned: OwnedTask, changes: TaskUpdate, session: SessionDep, if_match: str | None) -> Response:
+    """Change only the fields sent, in one statement; the change marks move only when something is sent."""
+    values: dict[str, Any] = changes.model_dump(exclude_unset=True)
+    versions = expected_versions(if_match)
+    if not values:  # nothing to change: the task as it is, still under its precondition
+        task = found(session.exec(READ_TASK, params=owned).one_or_none())
+        session.commit()
+        if versions is not None and task.version not in versions:
+            raise precondition_failed(task.version)
+        return task_response(task)
+    if "completed" in values:
+        values["completed_at"] = COMPLETED_AT_WHEN_COMPLETED if values["completed"] else None
+    statement = change_statement(values, conditional=versions is not None)
+    row = apply_change(session, statement, owned | {"now": utc_now()}, versions)
     session.commit()
-    return as_json(found(row))
+    return task_response(found(row))
 
 
 @router.put(
-    "/{task_id}",
-    response_model=TaskPublic,
-    summary="Update a task (only the fields sent)",
-    responses=error_responses(404, 413),
+    "/{task_id}", response_model=TaskPublic, summary="Update a task (only the fields sent)", responses=CHANGE_RESPONSES
 )
-def replace_task(owned: OwnedTask, changes: TaskUpdate, session: SessionDep) -> Response:
+def replace_task(owned: OwnedTask, changes: TaskUpdate, session: SessionDep, if_match: IfMatch = None) -> Response:
     """Change the fields sent; the server-set fields never change."""
-    return apply_changes(owned, changes, session)
+    return apply_changes(owned, changes, session, if_match)
 
 
 @router.patch(
-    "/{task_id}",
-    response_model=TaskPublic,
-    summary="Update a task (only the fields sent)",
-    responses=error_responses(404, 413),
+    "/{task_id}", response_model=TaskPublic, summary="Update a task (only the fields sent)", responses=CHANGE_RESPONSES
 )
-def patch_task(owned: OwnedTask, changes: TaskUpdate, session: SessionDep) -> Response:
+def patch_task(owned: OwnedTask, changes: TaskUpdate, session: SessionDep, if_match: IfMatch = None) -> Response:
     """Change the fields sent; the server-set fields never change."""
-    return apply_changes(owned, changes, session)
+    return apply_changes(owned, changes, session, if_match)
 
 
 @router.delete(
     "/{task_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    summary="Delete a task",
-    responses=TASK_NOT_FOUND,
+    summary="Move a task to the trash",
+    responses=error_responses(404, 412),
 )
-def delete_task(owned: OwnedTask, session: SessionDep) -> None:
-    """Remove the user's task for good."""
-    deleted = session.exec(DELETE_TASK, params=owned).one_or_none()
+def delete_task(owned: OwnedTask, session: SessionDep, if_match: IfMatch = None) -> None:
+    """Move the user's task to the trash, from where it can be restored (`POST /trash/{id}/restore`)."""
+    versions = expected_versions(if_match)
+    apply_change(session, TRASH_TASK[versions is not None], owned | {"now": utc_now()}, versions)
     session.commit()
-    if deleted is None:
-        raise task_not_found()
 
 
 @router.patch(
     "/{task_id}/complete",
     response_model=TaskPublic,
     summary="Toggle a task's completion, or set it",
-    responses=error_responses(404, 413),
+    responses={200: RETRYABLE_RESPONSES, **error_responses(404, 409, 412, 413)},
 )
 def complete_task(
     owned: OwnedTask,
     session: SessionDep,
+    settings: AppSettings,
+    retry: RetryableRequest,
     completion: Annotated[CompletionUpdate | None, Body()] = None,
+    if_match: IfMatch = None,
 ) -> Response:
-    """Without a body, flip `completed` atomically in the database; with `{"completed": b}`, set it."""
+    """Without a body, flip `completed` atomically in the database; with `{"completed": b}`, set it.
+
+    Safe to retry with an `Idempotency-Key`: a retried toggle does not toggle twice.
+    """
     sent = completion.model_dump(exclude_unset=True) if completion else {}
-    if "completed" in sent:
-        row = session.exec(
-            SET_COMPLETED, params=owned | {"new_completed": sent["completed"], "now": utc_now()}
-        ).one_or_none()
-    else:
-        row = session.exec(TOGGLE_TASK, params=owned | {"now": utc_now()}).one_or_none()
+    versions = expected_versions(if_match)
+    conditional = versions is not None
+    statement = SET_COMPLETED[sent["completed"], conditional] if "completed" in sent else TOGGLE_TASK[conditional]
+
+    def complete() -> Response:
+        return task_response(found(apply_change(session, statement, owned | {"now": utc_now()}, versions)))
+
+    response = respond_once(session, retry, settings.idempotency_ttl_seconds, complete)
     session.commit()
-    return as_json(found(row))
+    return response
