@@ -4,8 +4,10 @@ Headless Chromium (Debian's `chromium`, driven by `playwright-core` from tests/b
 tests/browser/page.html, served by Python's http.server from two origins, and the page calls the
 real app over real HTTP with `fetch()` and a Bearer token, just as the frontend does:
 
-- from http://localhost:3000, the app's default allowed origin, the page creates, lists, toggles and
-  deletes a task, and can read the exposed `Location`, `X-Total-Count` and `Link` headers;
+- from http://localhost:3000, the app's default allowed origin, the page creates a task with an
+  `Idempotency-Key` and retries it, lists, toggles it under `If-Match`, is refused a stale update (412)
+  and deletes it, and can read the exposed `Location`, `X-Total-Count`, `Link`, `ETag` and
+  `Idempotent-Replayed` headers;
 - from http://127.0.0.1:<port>, an origin the app does not allow, the preflight of the first request
   is refused, so `fetch()` fails with a TypeError and the POST is never sent.
 
@@ -254,7 +256,8 @@ def test_the_frontend_origin_can_use_the_api(
     user_id: str,
     token_for: Callable[..., str],
 ) -> None:
-    """From http://localhost:3000: create, list, toggle and delete work, and the exposed headers are readable."""
+    """From http://localhost:3000: create (and its retry), list, a conditional toggle, a stale update and delete
+    work, and the exposed headers are readable (Location, X-Total-Count, Link, ETag, Idempotent-Replayed)."""
     token = token_for(user_id)
     visit = browser(frontend_origin, api.url, user_id, token)
     steps, explain = visit.steps, visit.explain()
@@ -266,6 +269,12 @@ def test_the_frontend_origin_can_use_the_api(
     assert create["status"] == 201, explain
     assert create["location"] is not None, f"the page could not read Location:\n{explain}"
     assert create["location"].endswith(f"/api/{user_id}/tasks/{create['id']}"), explain
+    assert create["etag"] == '"1"', f"the page could not read ETag:\n{explain}"
+    assert create["replayed"] is None, explain
+
+    retried = steps["retriedCreate"]
+    assert retried["status"] == 201 and retried["id"] == create["id"], explain
+    assert retried["replayed"] == "true", f"the page could not read Idempotent-Replayed:\n{explain}"
 
     listing = steps["list"]
     assert listing["status"] == 200, explain
@@ -282,11 +291,19 @@ def test_the_frontend_origin_can_use_the_api(
 
     assert steps["toggle"]["status"] == 200, explain
     assert steps["toggle"]["completed"] is True, explain
+    assert steps["toggle"]["etag"] == '"2"', explain
+
+    stale = steps["staleUpdate"]
+    assert stale["status"] == 412, explain
+    assert stale["etag"] == '"2"', f"the page could not read the current ETag of a 412:\n{explain}"
+    assert stale["json"]["code"] == "precondition_failed", explain
 
     assert steps["delete"]["status"] == 204, explain
     assert steps["delete"]["bodyLength"] == 0, explain
 
     assert tasks_of(api, user_id, token).json() == [], "the task the page deleted is still there"
+    trash = httpx.get(f"{api.url}/api/{user_id}/trash", headers={"Authorization": f"Bearer {token}"})
+    assert [task["id"] for task in trash.json()] == [create["id"]], "the deleted task is not in the trash"
 
 
 def test_another_origin_is_blocked_by_cors(

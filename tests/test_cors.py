@@ -28,7 +28,15 @@ def test_responses_expose_the_headers_a_page_needs(client: httpx.Client, auth: C
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == FRONTEND_ORIGIN
     exposed = {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
-    assert exposed == {"x-total-count", "link", "location", "retry-after", "x-request-id"}
+    assert exposed == {
+        "x-total-count",
+        "link",
+        "location",
+        "etag",
+        "retry-after",
+        "idempotent-replayed",
+        "x-request-id",
+    }
 
 
 def test_error_responses_carry_cors_headers_so_the_browser_can_read_them(client: httpx.Client, user_id: str) -> None:

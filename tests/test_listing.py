@@ -514,7 +514,7 @@ def test_every_sort_and_order_gives_the_contract_order(
         {"status": "done"},
         {"status": "ALL"},
         {"status": ""},
-        {"sort": "priority"},
+        {"sort": "importance"},
         {"sort": "id"},
         {"sort": ""},
         {"order": "up"},

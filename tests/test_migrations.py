@@ -180,12 +180,30 @@ def test_a_database_made_by_the_first_release_is_adopted_with_every_task_intact(
             mine = [task for task in before if task["user_id"] == user]
             assert [task["id"] for task in listed.json()] == [task["id"] for task in mine]
             assert [task["title"] for task in listed.json()] == [task["title"] for task in mine]
+            # The v2 fields, with the defaults the contract gives v1 tasks.
+            for task, old in zip(listed.json(), mine, strict=True):
+                assert (task["priority"], task["tags"], task["version"]) == ("none", [], 1)
+                assert task["completed_at"] == (task["updated_at"] if old["completed"] else None)
+            # The changes feed and the quota count them: each user's counter was built from their tasks.
+            feed = http.get(
+                f"/api/{quote(user, safe='')}/changes",
+                params={"limit": 500},
+                headers={"Authorization": f"Bearer {token_for(user)}"},
+            )
+            assert feed.status_code == 200, feed.text
+            assert sorted(change["id"] for change in feed.json()["changes"]) == [task["id"] for task in mine]
+        with engine.connect() as connection:
+            counted = dict(connection.execute(text("SELECT user_id, live_tasks FROM task_counters")).all())
+        assert counted == {user: sum(task["user_id"] == user for task in before) for user in counted}
+        assert set(counted) == {task["user_id"] for task in before}
 
         # A new task never takes the id of a deleted one (the adopted table is rebuilt with AUTOINCREMENT on SQLite).
         newest = max(before, key=lambda task: task["id"])
         owner_path = f"/api/{quote(newest['user_id'], safe='')}/tasks"
         owner = {"Authorization": f"Bearer {token_for(newest['user_id'])}"}
-        assert http.delete(f"{owner_path}/{newest['id']}", headers=owner).status_code == 204
+        assert http.delete(f"{owner_path}/{newest['id']}", headers=owner).status_code == 204  # to the trash
+        trash_path = f"/api/{quote(newest['user_id'], safe='')}/trash/{newest['id']}"
+        assert http.delete(trash_path, headers=owner).status_code == 204  # and for good
         created = http.post(owner_path, json={"title": "after adoption"}, headers=owner)
         assert created.status_code == 201, created.text
         assert created.json()["id"] > newest["id"]
@@ -207,16 +225,19 @@ def test_every_revision_downgrades_and_upgrades_again_keeping_the_tasks(engine: 
     with engine.begin() as connection:
         connection.execute(insert(v1_tasks), v1_rows(12))
     before = stored_tasks(engine)
+    indexes_at = {REVISIONS[0]: index_definitions(engine)}
+    assert set(indexes_at[REVISIONS[0]]) == V1_INDEXES
 
     for revision in REVISIONS[1:]:  # up, one revision at a time
         migrate_with_alembic(engine, command.upgrade, revision)
         assert current_revision(engine) == revision
         assert stored_tasks(engine) == before
-    for revision in reversed(REVISIONS[:-1]):  # down to the baseline, one at a time
+        indexes_at[revision] = index_definitions(engine)
+    for revision in reversed(REVISIONS[:-1]):  # down to the baseline, one at a time: each as it was on the way up
         migrate_with_alembic(engine, command.downgrade, revision)
         assert current_revision(engine) == revision
         assert stored_tasks(engine) == before
-        assert set(index_definitions(engine)) == V1_INDEXES
+        assert index_definitions(engine) == indexes_at[revision]
     migrate_with_alembic(engine, command.upgrade, "head")
     assert current_revision(engine) == HEAD
     assert stored_tasks(engine) == before

@@ -41,7 +41,7 @@ from tests.conftest import SECRET, LiveServer
 
 # Generated cases per operation in the fuzzing phase (positive and negative mixed), on each database;
 # the coverage phase adds its own fixed cases (boundary values, missing token, unexpected methods).
-FUZZ_EXAMPLES_PER_OPERATION = 300
+FUZZ_EXAMPLES_PER_OPERATION = 150
 SEEDED_TASKS = 12
 CHECKS = [
     not_a_server_error,
@@ -56,13 +56,15 @@ CHECKS = [
 class FuzzTarget:
     """The user the fuzzer acts as, its token, and the tasks seeded for it.
 
-    `DELETE` gets tasks of its own, so deleting cannot leave the other operations only 404s.
+    `DELETE` gets tasks of its own, so deleting cannot leave the other operations only 404s, and the
+    trash's routes get tasks in the trash (restoring and deleting for good take them out of it).
     """
 
     user_id: str
     token: str
     task_ids: list[int]
     deletable_task_ids: list[int]
+    trashed_task_ids: list[int]
     other_user_id: str = field(default_factory=lambda: f"fuzz-other-{uuid.uuid4().hex}")
 
     @property
@@ -70,8 +72,26 @@ class FuzzTarget:
         """The Authorization header of the user's token."""
         return {"Authorization": f"Bearer {self.token}"}
 
-    def seeded_ids(self, method: str) -> list[int]:
-        """The seeded tasks an operation with this method may aim at."""
+    def aim_at_trash(self, case: Case, client: httpx.Client) -> None:
+        """Point a trash route aimed at a seeded trashed task at a freshly trashed one instead.
+
+        Restoring, deleting for good and emptying the trash all take tasks out of it: without new
+        ones, those routes would soon meet only 404s.
+        """
+        path = case.path_parameters or {}
+        if (
+            not case.operation.path.startswith("/api/{user_id}/trash/")
+            or path.get("task_id") not in self.trashed_task_ids
+        ):
+            return
+        task_id = seed_tasks(client, self.user_id, self.headers, 1)[0]
+        assert client.delete(f"/api/{self.user_id}/tasks/{task_id}", headers=self.headers).status_code == 204
+        path["task_id"] = task_id
+
+    def seeded_ids(self, method: str, path: str) -> list[int]:
+        """The seeded tasks an operation with this method and path may aim at."""
+        if path.startswith("/api/{user_id}/trash"):
+            return self.trashed_task_ids
         return self.deletable_task_ids if method.upper() == "DELETE" else self.task_ids
 
 
@@ -113,6 +133,8 @@ def seed_tasks(client: httpx.Client, user: str, headers: dict[str, str], count: 
             body["description"] = f"Description {n}"
         if n % 4 == 1:
             body["due_date"] = f"2030-01-{n + 1:02d}T12:00:00Z"
+        if n % 3 == 1:
+            body |= {"priority": "high", "tags": ["Work", f"tag {n}"]}
         response = client.post(f"/api/{user}/tasks", json=body, headers=headers)
         assert response.status_code == 201, response.text
         ids.append(response.json()["id"])
@@ -125,11 +147,15 @@ def fuzz_target(client: httpx.Client) -> FuzzTarget:
     user = f"fuzz-{uuid.uuid4().hex}"
     token = mint_token(user, SECRET)
     headers = {"Authorization": f"Bearer {token}"}
+    trashed = seed_tasks(client, user, headers, SEEDED_TASKS)
+    for task_id in trashed:
+        assert client.delete(f"/api/{user}/tasks/{task_id}", headers=headers).status_code == 204
     return FuzzTarget(
         user_id=user,
         token=token,
         task_ids=seed_tasks(client, user, headers, SEEDED_TASKS),
         deletable_task_ids=seed_tasks(client, user, headers, SEEDED_TASKS),
+        trashed_task_ids=trashed,
     )
 
 
@@ -150,7 +176,7 @@ def aimed_path_parameters(target: FuzzTarget) -> Callable[[Any, dict[str, Any] |
             choices["user_id"] = st.sampled_from(users)
         task_id = path_parameters.get("task_id")
         if isinstance(task_id, int) and not isinstance(task_id, bool):
-            seeded = target.seeded_ids(context.operation.method)
+            seeded = target.seeded_ids(context.operation.method, context.operation.path)
             choices["task_id"] = st.one_of(st.just(task_id), st.sampled_from(seeded))
         return st.fixed_dictionaries(choices)
 
@@ -172,7 +198,7 @@ def aimed_coverage_case(target: FuzzTarget) -> Callable[[Any, Case], Case]:
         if "user_id" in case.path_parameters and probed != "user_id":
             case.path_parameters["user_id"] = target.user_id
         if "task_id" in case.path_parameters and probed != "task_id":
-            case.path_parameters["task_id"] = target.seeded_ids(case.operation.method)[0]
+            case.path_parameters["task_id"] = target.seeded_ids(case.operation.method, case.operation.path)[0]
         return case
 
     return map_case
@@ -236,8 +262,11 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 @schema.parametrize()
 @pytest.mark.usefixtures("schemathesis_node_id_shim")
-def test_every_operation_conforms_to_its_openapi_document(case: Case, fuzz_log: FuzzLog) -> None:
+def test_every_operation_conforms_to_its_openapi_document(
+    case: Case, fuzz_log: FuzzLog, fuzz_target: FuzzTarget, client: httpx.Client
+) -> None:
     """No 5xx; status, body, content type and headers as the served document says."""
+    fuzz_target.aim_at_trash(case, client)
     response = case.call_and_validate(checks=CHECKS)
     fuzz_log.record(case, response.status_code)
 

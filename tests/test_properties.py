@@ -3,8 +3,9 @@
 Hypothesis generates the inputs; each property is one promise of the API (docs/api.md):
 
 - any text the contract accepts comes back exactly as sent (the title trimmed);
-- paging through any list, under any sort, order, status filter and search, returns every matching
-  task exactly once, in the order of one big page, with `X-Total-Count` right;
+- paging through any list, under any sort, order and combination of filters (status, search,
+  priority, tags, due-date range), returns every matching task exactly once, in the order of one
+  big page, with `X-Total-Count` right;
 - whatever two users do, neither ever sees or touches the other's tasks.
 
 Function-scoped fixtures are not reset between Hypothesis examples, so every example works on
@@ -43,8 +44,23 @@ ISOLATION_STEPS = 25
 TITLE_MAX_LENGTH = 200
 DESCRIPTION_MAX_LENGTH = 1000
 LIST_ALL = {"limit": 500}
-DEFAULT_ORDER = {"created": "desc", "updated": "desc", "title": "asc", "due_date": "asc"}
-SORT_FIELDS = {"created": "created_at", "updated": "updated_at", "title": "title", "due_date": "due_date"}
+DEFAULT_ORDER = {
+    "created": "desc",
+    "updated": "desc",
+    "title": "asc",
+    "due_date": "asc",
+    "priority": "desc",
+    "completed_at": "desc",
+}
+SORT_FIELDS = {
+    "created": "created_at",
+    "updated": "updated_at",
+    "title": "title",
+    "due_date": "due_date",
+    "priority": "priority",
+    "completed_at": "completed_at",
+}
+PRIORITIES = ["none", "low", "medium", "high"]  # least first: the order `sort=priority` uses
 
 # Unicode's White_Space characters: the "surrounding white space" trimmed from a title. Python's
 # str.strip() also strips U+001C-U+001F (information separators, not White_Space); the API keeps
@@ -131,9 +147,13 @@ def timestamp(value: str) -> datetime:
     return parsed
 
 
-def list_all(client: httpx.Client, auth: Auth, user_id: str, **query: Any) -> tuple[list[Task], int]:
-    """Every task of the user matching `query` in one page, and the response's X-Total-Count."""
-    response = client.get(tasks_url(user_id), params={**query, **LIST_ALL}, headers=auth(user_id))
+def list_all(
+    client: httpx.Client, auth: Auth, user_id: str, params: list[tuple[str, str]] | None = None, **query: Any
+) -> tuple[list[Task], int]:
+    """Every task of the user matching the query (`params`, which may repeat a name, and `query`) in one page,
+    and the response's X-Total-Count."""
+    all_params = [*(params or []), *query.items(), *LIST_ALL.items()]
+    response = client.get(tasks_url(user_id), params=all_params, headers=auth(user_id))
     return json_of(response, 200), int(response.headers["X-Total-Count"])
 
 
@@ -175,13 +195,33 @@ TITLE_POOL += ["Ωmega", "ωmega", "10 eggs", "2 eggs", "zebra", "_under", "%per
 # No due date (the likeliest), and instants written in different ways that are equal.
 DUE_DATE_POOL = [None, None, None, "2026-05-01T12:00:00Z", "2026-05-01T14:00:00+02:00", "2026-05-01T12:00:00"]
 DUE_DATE_POOL += ["2025-12-31T23:30:00-01:00", "2026-01-01T00:30:00Z", "2030-01-01T00:00:00Z"]
+# Bounds of a due-date range: often exactly a due date above (written another way), or a hair past one.
+DUE_BOUND_POOL = ["2026-05-01T12:00:00Z", "2026-05-01T12:00:00", "2026-05-01T12:00:00.000001+00:00"]
+DUE_BOUND_POOL += ["2026-01-01T01:30:00+01:00", "2025-01-01T00:00:00Z", "2030-01-01T00:00:00"]
 
 # Searches: plain, in another case, non-ASCII, LIKE's own wildcards, a space, nothing.
 SEARCH_POOL = [None, "apple", "APP", "éCL", "ΩM", "%", "_", " ", "eggs", ""]
+# Tags: case variants of one tag (ASCII and not), spaces and commas inside, padding that is trimmed.
+TAG_POOL = ["work", "Work", "WORK", "home", "Ärger", "ärger", "two words", "a,b", " q2 "]
+TAG_FILTER_POOL = ["work", "wOrK", "HOME", "ÄRGER", "ärger", "Two Words", "a,b", "q2", "absent"]
 
 task_bodies = st.fixed_dictionaries(
-    {"title": st.sampled_from(TITLE_POOL), "completed": st.booleans(), "due_date": st.sampled_from(DUE_DATE_POOL)}
+    {
+        "title": st.sampled_from(TITLE_POOL),
+        "completed": st.booleans(),
+        "due_date": st.sampled_from(DUE_DATE_POOL),
+        "priority": st.sampled_from(PRIORITIES),
+        "tags": st.lists(st.sampled_from(TAG_POOL), max_size=4),
+    }
 )
+# What is done to a task after its creation: its title sent again (it moves in the "updated" order),
+# or its completion toggled (it gets, or loses, a completed_at later than its creation).
+task_touches = st.tuples(st.integers(min_value=0, max_value=11), st.sampled_from(["resend", "toggle"]))
+
+
+def tag_key(tag: str) -> str:
+    """What makes two spellings one tag, for the pools above."""
+    return tag.strip().lower()
 
 
 @dataclass(frozen=True)
@@ -192,16 +232,32 @@ class ListQuery:
     order: str | None
     status: str | None
     q: str | None
+    priority: tuple[str, ...] = ()
+    tag: tuple[str, ...] = ()
+    due_after: str | None = None
+    due_before: str | None = None
 
-    def params(self) -> dict[str, str]:
-        """The query parameters, without the ones left to their defaults."""
-        return {name: value for name, value in vars(self).items() if value is not None}
+    def params(self) -> list[tuple[str, str]]:
+        """The query parameters, without the ones left to their defaults; `priority` and `tag` repeated."""
+        return [
+            (name, value)
+            for name, values in vars(self).items()
+            for value in (values if isinstance(values, tuple) else [values])
+            if value is not None
+        ]
 
     def matches(self, task: Task) -> bool:
         """Whether the filters keep this task (the pools are such that `lower()` is what ignoring case means)."""
         status_matches = self.status in (None, "all") or task["completed"] == (self.status == "completed")
         text = f"{task['title']}\n{task['description'] or ''}".lower()
-        return status_matches and (self.q or "").lower() in text
+        priority_matches = not self.priority or task["priority"] in self.priority
+        tags_match = {tag_key(tag) for tag in self.tag} <= {tag_key(tag) for tag in task["tags"]}
+        due = instant(task["due_date"])
+        after, before = instant(self.due_after), instant(self.due_before)
+        due_matches = (after is None and before is None) or (
+            due is not None and (after is None or after <= due) and (before is None or due < before)
+        )
+        return status_matches and (self.q or "").lower() in text and priority_matches and tags_match and due_matches
 
     @property
     def descending(self) -> bool:
@@ -209,23 +265,38 @@ class ListQuery:
         return (self.order or DEFAULT_ORDER[self.sort or "created"]) == "desc"
 
 
+def now_and_then(strategy: st.SearchStrategy[Any], absent: Any) -> st.SearchStrategy[Any]:
+    """`strategy` about one time in four, else `absent`: filters together would otherwise leave nothing to page."""
+    return st.one_of(st.just(absent), st.just(absent), st.just(absent), strategy)
+
+
 list_queries = st.builds(
     ListQuery,
     sort=st.sampled_from([None, *SORT_FIELDS]),
     order=st.sampled_from([None, "asc", "desc"]),
     status=st.sampled_from([None, "all", "pending", "completed"]),
-    q=st.sampled_from(SEARCH_POOL),
+    q=now_and_then(st.sampled_from(SEARCH_POOL), None),
+    priority=now_and_then(st.lists(st.sampled_from(PRIORITIES), min_size=1, max_size=3).map(tuple), ()),
+    tag=now_and_then(st.lists(st.sampled_from(TAG_FILTER_POOL), min_size=1, max_size=2).map(tuple), ()),
+    due_after=now_and_then(st.sampled_from(DUE_BOUND_POOL), None),
+    due_before=now_and_then(st.sampled_from(DUE_BOUND_POOL), None),
 )
+
+
+def sort_value(task: Task, sort: str) -> Any:
+    """The value a task is sorted by (other than by title); None for a task without one (it comes last)."""
+    if sort == "priority":
+        return PRIORITIES.index(task["priority"])
+    return instant(task[SORT_FIELDS[sort]])
 
 
 def assert_in_contract_order(tasks: list[Task], query: ListQuery) -> None:
     """Check the order the contract promises, in terms that hold whatever the database's collation.
 
     By the sort key in the query's direction, ties broken by id in the same direction, tasks
-    without a due date last, and titles equal but for case next to each other.
+    without a due date (or a completed_at) last, and titles equal but for case next to each other.
     """
     sort = query.sort or "created"
-    field = SORT_FIELDS[sort]
     ascending = not query.descending
     if sort == "title":
         folded = [task["title"].lower() for task in tasks]
@@ -237,8 +308,8 @@ def assert_in_contract_order(tasks: list[Task], query: ListQuery) -> None:
         if sort == "title":
             tied = before["title"].lower() == after["title"].lower()
         else:
-            first, second = instant(before[field]), instant(after[field])
-            assert first is not None or second is None, f"a task without a due date came first: {context}"
+            first, second = sort_value(before, sort), sort_value(after, sort)
+            assert first is not None or second is None, f"a task without a {sort} came first: {context}"
             if first is not None and second is not None:
                 assert (first <= second) if ascending else (first >= second), f"out of order: {context}"
             tied = first == second
@@ -246,40 +317,60 @@ def assert_in_contract_order(tasks: list[Task], query: ListQuery) -> None:
             assert (before["id"] < after["id"]) == ascending, f"tie not broken by id: {context}"
 
 
+# A sample that every run checks besides the generated ones: each priority, case variants of tags,
+# due dates on and off the bounds, completions at creation and later, each new sort both ways.
+SAMPLE_BODIES = [
+    {"title": "apple", "completed": n % 3 == 0, "due_date": DUE_DATE_POOL[n % len(DUE_DATE_POOL)]}
+    | {"priority": PRIORITIES[n % 4], "tags": [TAG_POOL[n % len(TAG_POOL)], TAG_POOL[(n * 5) % len(TAG_POOL)]]}
+    for n in range(12)
+]
+SAMPLE_TOUCHES = [(1, "toggle"), (0, "toggle"), (4, "toggle"), (2, "resend"), (3, "toggle")]
+SAMPLE_QUERIES = [
+    (ListQuery(sort="completed_at", order=None, status=None, q=None), 5),
+    (ListQuery(sort="completed_at", order="asc", status=None, q=None, tag=("work",)), 2),
+    (ListQuery(sort="priority", order=None, status="pending", q=None, priority=("high", "none")), 3),
+    (ListQuery(sort="priority", order="asc", status=None, q="APP", due_after="2026-01-01T00:30:00Z"), 4),
+    (ListQuery(sort="due_date", order="desc", status=None, q=None, due_before="2026-05-01T12:00:00.000001+00:00"), 1),
+]
+
+
 @settings(PROPERTY_SETTINGS, max_examples=PAGING_EXAMPLES)
 @given(
     bodies=st.lists(task_bodies, min_size=1, max_size=12),
-    touched=st.lists(st.integers(min_value=0, max_value=11), max_size=4),
-    queries=st.lists(list_queries, min_size=1, max_size=3),
-    data=st.data(),
+    touches=st.lists(task_touches, max_size=5),
+    queries=st.lists(st.tuples(list_queries, st.integers(min_value=1, max_value=13)), min_size=1, max_size=4),
 )
+@example(bodies=SAMPLE_BODIES, touches=SAMPLE_TOUCHES, queries=SAMPLE_QUERIES)
 def test_paging_returns_every_matching_task_once_in_the_big_pages_order(
     client: httpx.Client,
     auth: Auth,
     bodies: list[dict[str, Any]],
-    touched: list[int],
-    queries: list[ListQuery],
-    data: st.DataObject,
+    touches: list[tuple[int, str]],
+    queries: list[tuple[ListQuery, int]],
 ) -> None:
     """Pages of any size, concatenated, are the one big page of every match; each has the total and the links."""
     user = new_user()
     created = [json_of(client.post(tasks_url(user), json=body, headers=auth(user)), 201) for body in bodies]
-    for index in touched:  # so that "updated" orders differently from "created"
+    for index, touch in touches:
         if index < len(created):
             task = created[index]
-            json_of(client.patch(task_url(user, task["id"]), json={"title": task["title"]}, headers=auth(user)), 200)
+            if touch == "resend":
+                response = client.patch(task_url(user, task["id"]), json={"title": task["title"]}, headers=auth(user))
+            else:
+                response = client.patch(task_url(user, task["id"]) + "/complete", headers=auth(user))
+            created[index] = json_of(response, 200)
 
-    for query in queries:
-        big_page, total = list_all(client, auth, user, **query.params())
-        expected_ids = {task["id"] for task in created if query.matches(task)}
-        assert total == len(big_page) == len(expected_ids)
-        assert {task["id"] for task in big_page} == expected_ids
+    for query, page_size in queries:
+        big_page, total = list_all(client, auth, user, query.params())
+        expected = {task["id"]: task for task in created if query.matches(task)}
+        assert total == len(big_page) == len(expected)
+        assert {task["id"]: task for task in big_page} == expected
         assert_in_contract_order(big_page, query)
 
-        limit = data.draw(st.integers(min_value=1, max_value=len(created) + 1), label=f"limit for {query}")
+        limit = min(page_size, len(created) + 1)
         paged: list[Task] = []
         for offset in range(0, total + limit, limit):  # one page past the end, too
-            params = {**query.params(), "limit": limit, "offset": offset}
+            params = [*query.params(), ("limit", str(limit)), ("offset", str(offset))]
             response = client.get(tasks_url(user), params=params, headers=auth(user))
             page = json_of(response, 200)
             assert page == big_page[offset : offset + limit], params

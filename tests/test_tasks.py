@@ -21,8 +21,23 @@ if TYPE_CHECKING:
 Auth = Callable[[str], dict[str, str]]
 MakeTask = Callable[..., dict[str, Any]]
 
-TASK_FIELDS = {"id", "user_id", "title", "description", "completed", "due_date", "created_at", "updated_at"}
-DATE_TIME_FIELDS = {"due_date", "created_at", "updated_at"}
+TASK_FIELDS = {
+    "id",
+    "user_id",
+    "title",
+    "description",
+    "completed",
+    "completed_at",
+    "priority",
+    "tags",
+    "due_date",
+    "created_at",
+    "updated_at",
+    "version",
+}
+DATE_TIME_FIELDS = {"due_date", "created_at", "updated_at", "completed_at"}
+# What a change moves by itself, besides the fields it sends.
+CHANGE_MARKS = ("updated_at", "version", "completed_at")
 TASK_NOT_FOUND = {"detail": "Task not found", "code": "task_not_found"}
 UPDATE_METHODS = ["PUT", "PATCH"]
 
@@ -97,18 +112,24 @@ def assert_task_shape(task: dict[str, Any], user_id: str) -> None:
     assert isinstance(task["title"], str)
     assert task["description"] is None or isinstance(task["description"], str)
     assert isinstance(task["completed"], bool)
+    assert (task["completed_at"] is not None) == task["completed"]
+    assert task["priority"] in {"none", "low", "medium", "high"}
+    assert isinstance(task["tags"], list) and all(isinstance(tag, str) for tag in task["tags"])
+    assert isinstance(task["version"], int) and task["version"] >= 1
     for field in ("created_at", "updated_at"):
         utc_instant(task[field])
+    if task["completed_at"] is not None:
+        utc_instant(task["completed_at"])
     if task["due_date"] is not None:
         utc_instant(task["due_date"])
 
 
-def comparable(task: dict[str, Any], ignore: str = "") -> dict[str, Any]:
-    """A task with its date-times as instants (`Z` and `+00:00` are the same), without the field `ignore`."""
+def comparable(task: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A task with its date-times as instants (`Z` and `+00:00` are the same), without the fields `ignore`."""
     return {
         field: utc_instant(value) if field in DATE_TIME_FIELDS and value is not None else value
         for field, value in task.items()
-        if field != ignore
+        if field not in ignore
     }
 
 
@@ -574,7 +595,8 @@ def test_update_changes_only_the_fields_sent(
 
     updated = json_of(response, 200)
     assert_task_shape(updated, user_id)
-    assert comparable(updated, ignore="updated_at") == comparable(original | expected, ignore="updated_at")
+    assert comparable(updated, ignore=CHANGE_MARKS) == comparable(original | expected, ignore=CHANGE_MARKS)
+    assert updated["version"] == original["version"] + 1
     assert get_task(client, auth, user_id, original["id"]) == updated
 
 
