@@ -4,6 +4,12 @@ Starlette + psycopg 3 (async pool) + PyJWT HS256 + hand-written SQL, no ORM and 
 validation the benchmark's requests need. It is a yardstick for what the hardware, uvicorn and
 PostgreSQL can do with the same work, not a second implementation of the contract.
 
+The v2 work the load needs is done here too, the simplest way PostgreSQL offers: a task's tags
+as sent in a `text[]` and their lower-cased keys in a second `text[]` with a GIN index (the tag
+filter is `tag_keys @> ARRAY[...]`), the priority as its rank, `completed_at` moved with
+`completed`, a `version` (the ETag) moved by every change, and `DELETE` setting `deleted_at`
+(the trash) instead of deleting the row; every other statement reads live tasks only.
+
 Configuration (environment): ``DATABASE_URL`` (SQLAlchemy-style URLs are accepted),
 ``BETTER_AUTH_SECRET`` (HS256 key), ``REF_POOL_MIN`` / ``REF_POOL_MAX`` (connections per worker).
 
@@ -28,8 +34,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-COLUMNS = "id, user_id, title, description, completed, due_date, created_at, updated_at"
+COLUMNS = (
+    "id, user_id, title, description, completed, completed_at, priority, tags, due_date, created_at, updated_at,"
+    " version"
+)
+TOTAL = len(COLUMNS.split(","))  # the index of a list row's window count, after the columns
 UPDATABLE = ("title", "description", "completed", "due_date")
+PRIORITIES = ("none", "low", "medium", "high")  # stored as the rank: the index here
+LIVE = "deleted_at IS NULL"
+# `completed_at` when `completed` is set to the parameter: kept if it already was, cleared when pending.
+SET_COMPLETED_AT = "completed_at = CASE WHEN NOT %s THEN NULL WHEN completed THEN completed_at ELSE now() END"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -38,11 +52,18 @@ CREATE TABLE IF NOT EXISTS tasks (
     title varchar(200) NOT NULL,
     description varchar(1000),
     completed boolean NOT NULL DEFAULT false,
+    completed_at timestamptz,
+    priority smallint NOT NULL DEFAULT 0,
+    tags text[] NOT NULL DEFAULT '{}',
+    tag_keys text[] NOT NULL DEFAULT '{}',
     due_date timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    version integer NOT NULL DEFAULT 1,
+    deleted_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS ix_tasks_user_created ON tasks (user_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS ix_tasks_tag_keys ON tasks USING gin (tag_keys);
 """
 
 
@@ -90,10 +111,31 @@ def task_json(row: Sequence[Any]) -> dict[str, Any]:
         "title": row[2],
         "description": row[3],
         "completed": row[4],
-        "due_date": iso(row[5]),
-        "created_at": iso(row[6]),
-        "updated_at": iso(row[7]),
+        "completed_at": iso(row[5]),
+        "priority": PRIORITIES[row[6]],
+        "tags": row[7],
+        "due_date": iso(row[8]),
+        "created_at": iso(row[9]),
+        "updated_at": iso(row[10]),
+        "version": row[11],
     }
+
+
+def clean_tags(value: Any) -> tuple[list[str], list[str]]:
+    """The tags (trimmed, each once case-insensitively, first spelling kept) and their lower-cased keys."""
+    if not isinstance(value, list) or not all(isinstance(tag, str) and tag.strip() for tag in value):
+        raise HTTPError(422, "tags must be a list of non-empty strings", "validation_error")
+    spellings: dict[str, str] = {}
+    for tag in value:
+        spellings.setdefault(tag.strip().lower(), tag.strip())
+    return list(spellings.values()), list(spellings)
+
+
+def priority_rank(value: Any) -> int:
+    """A priority's rank (0 for `none` to 3 for `high`)."""
+    if value not in PRIORITIES:
+        raise HTTPError(422, "priority must be none, low, medium or high", "validation_error")
+    return PRIORITIES.index(value)
 
 
 def authorize(request: Request) -> str:
@@ -136,30 +178,34 @@ async def fetch_one(sql: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
 
 
 def found(row: tuple[Any, ...] | None, status: int = 200) -> Response:
-    """Return the task as JSON, or raise 404 when the row is missing."""
+    """Return the task as JSON with its ETag, or raise 404 when the row is missing."""
     if row is None:
         raise HTTPError(404, "Task not found", "task_not_found")
-    return json_response(task_json(row), status)
+    return json_response(task_json(row), status, {"ETag": f'"{row[11]}"'})
 
 
 async def list_tasks(request: Request) -> Response:
-    """GET /api/{user_id}/tasks: newest first, ``limit``/``offset``, ``X-Total-Count``."""
+    """GET /api/{user_id}/tasks: live tasks newest first, ``tag`` (repeatable: all of them),
+    ``limit``/``offset``, ``X-Total-Count``."""
     user = authorize(request)
     try:
         limit = int(request.query_params.get("limit", "100"))
         offset = int(request.query_params.get("offset", "0"))
     except ValueError:
         raise HTTPError(422, "Invalid limit or offset", "validation_error") from None
+    tag_keys = [tag.strip().lower() for tag in request.query_params.getlist("tag")]
+    where = f"user_id = %s AND {LIVE}" + (" AND tag_keys @> %s" if tag_keys else "")
+    params: list[Any] = [user, tag_keys] if tag_keys else [user]
     sql = (
-        f"SELECT {COLUMNS}, count(*) OVER () FROM tasks WHERE user_id = %s "
-        "ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s"
+        f"SELECT {COLUMNS}, count(*) OVER () FROM tasks WHERE {where}"
+        " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s"
     )
     async with pool.connection() as conn:
-        rows = await (await conn.execute(sql, (user, limit, offset))).fetchall()
+        rows = await (await conn.execute(sql, [*params, limit, offset])).fetchall()
         if rows:
-            total = rows[0][8]
+            total = rows[0][TOTAL]
         else:
-            cur = await conn.execute("SELECT count(*) FROM tasks WHERE user_id = %s", (user,))
+            cur = await conn.execute(f"SELECT count(*) FROM tasks WHERE {where}", params)
             total = (await cur.fetchone() or (0,))[0]
     return json_response([task_json(r) for r in rows], headers={"X-Total-Count": str(total)})
 
@@ -171,14 +217,20 @@ async def create_task(request: Request) -> Response:
     title = data.get("title")
     if not isinstance(title, str) or not 1 <= len(title.strip()) <= 200:
         raise HTTPError(422, "title must be 1-200 characters", "validation_error")
+    tags, tag_keys = clean_tags(data.get("tags", []))
+    completed = bool(data.get("completed", False))
     row = await fetch_one(
-        f"INSERT INTO tasks (user_id, title, description, completed, due_date) "
-        f"VALUES (%s, %s, %s, %s, %s) RETURNING {COLUMNS}",
+        "INSERT INTO tasks (user_id, title, description, completed, completed_at, priority, tags, tag_keys, due_date)"
+        f" VALUES (%s, %s, %s, %s, CASE WHEN %s THEN now() END, %s, %s, %s, %s) RETURNING {COLUMNS}",
         (
             user,
             title.strip(),
             data.get("description"),
-            bool(data.get("completed", False)),
+            completed,
+            completed,
+            priority_rank(data.get("priority", "none")),
+            tags,
+            tag_keys,
             data.get("due_date"),
         ),
     )
@@ -193,7 +245,7 @@ async def get_task(request: Request) -> Response:
     user = authorize(request)
     return found(
         await fetch_one(
-            f"SELECT {COLUMNS} FROM tasks WHERE id = %s AND user_id = %s",
+            f"SELECT {COLUMNS} FROM tasks WHERE id = %s AND user_id = %s AND {LIVE}",
             (request.path_params["task_id"], user),
         )
     )
@@ -209,13 +261,25 @@ async def update_task(request: Request) -> Response:
         if not isinstance(title, str) or not 1 <= len(title.strip()) <= 200:
             raise HTTPError(422, "title must be 1-200 characters", "validation_error")
         data["title"] = title.strip()
+    assignments = [f"{name} = %s" for name in fields]
+    params = [data[name] for name in fields]
+    if "completed" in data:
+        assignments.append(SET_COMPLETED_AT)
+        params.append(bool(data["completed"]))
+    if "priority" in data:
+        assignments.append("priority = %s")
+        params.append(priority_rank(data["priority"]))
+    if "tags" in data:
+        assignments.append("tags = %s, tag_keys = %s")
+        params.extend(clean_tags(data["tags"]))
     task_id = request.path_params["task_id"]
-    if not fields:
-        sql, params = f"SELECT {COLUMNS} FROM tasks WHERE id = %s AND user_id = %s", []
+    if not assignments:
+        sql = f"SELECT {COLUMNS} FROM tasks WHERE id = %s AND user_id = %s AND {LIVE}"
     else:
-        assignments = ", ".join(f"{name} = %s" for name in fields)
-        sql = f"UPDATE tasks SET {assignments}, updated_at = now() WHERE id = %s AND user_id = %s RETURNING {COLUMNS}"
-        params = [data[name] for name in fields]
+        sql = (
+            f"UPDATE tasks SET {', '.join(assignments)}, version = version + 1, updated_at = now()"
+            f" WHERE id = %s AND user_id = %s AND {LIVE} RETURNING {COLUMNS}"
+        )
     return found(await fetch_one(sql, [*params, task_id, user]))
 
 
@@ -225,23 +289,27 @@ async def complete_task(request: Request) -> Response:
     data = await read_object(request, required=False)
     task_id = request.path_params["task_id"]
     if "completed" in data:
-        sql = "completed = %s"
-        params: list[Any] = [bool(data["completed"]), task_id, user]
+        completed = bool(data["completed"])
+        sql = f"completed = %s, {SET_COMPLETED_AT}"
+        params: list[Any] = [completed, completed, task_id, user]
     else:
-        sql, params = "completed = NOT completed", [task_id, user]
+        sql = "completed = NOT completed, completed_at = CASE WHEN completed THEN NULL ELSE now() END"
+        params = [task_id, user]
     return found(
         await fetch_one(
-            f"UPDATE tasks SET {sql}, updated_at = now() WHERE id = %s AND user_id = %s RETURNING {COLUMNS}",
+            f"UPDATE tasks SET {sql}, version = version + 1, updated_at = now()"
+            f" WHERE id = %s AND user_id = %s AND {LIVE} RETURNING {COLUMNS}",
             params,
         )
     )
 
 
 async def delete_task(request: Request) -> Response:
-    """DELETE /api/{user_id}/tasks/{id}: 204, or 404 when there is no such task."""
+    """DELETE /api/{user_id}/tasks/{id}: to the trash; 204, or 404 when there is no such live task."""
     user = authorize(request)
     row = await fetch_one(
-        "DELETE FROM tasks WHERE id = %s AND user_id = %s RETURNING id",
+        "UPDATE tasks SET deleted_at = now(), version = version + 1, updated_at = now()"
+        f" WHERE id = %s AND user_id = %s AND {LIVE} RETURNING id",
         (request.path_params["task_id"], user),
     )
     if row is None:

@@ -41,6 +41,9 @@ REPO_DIR = BENCH_DIR.parent
 WORKLOAD = BENCH_DIR / "workload.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS = {"service": "main:app", "reference": "bench.reference_app:app", "floor": "bench.stack_floor_app:app"}
+# The tag vocabulary: every task carries two of these (the same list as in workload.lua).
+TAGS = ("work", "home", "errands", "health", "finance", "family", "study", "travel")
+MIX = "30 list / 10 tag list / 20 get / 15 create / 15 toggle / 5 update / 5 delete (to the trash)"
 
 
 # --------------------------------------------------------------------------- data types
@@ -301,9 +304,14 @@ def make_users(count: int, secret: str) -> list[User]:
     return users
 
 
+def seed_tags(n: int) -> list[str]:
+    """The two distinct tags of seed task ``n``: every pair of TAGS in turn."""
+    return [TAGS[n % len(TAGS)], TAGS[(n + 1 + (n // len(TAGS)) % (len(TAGS) - 1)) % len(TAGS)]]
+
+
 def seed_payload(user: User, n: int) -> dict[str, Any]:
-    """A varied task body: some with description, due date or completed."""
-    body: dict[str, Any] = {"title": f"Seed task {n} of {user.id}"}
+    """A varied task body with two tags: some with description, due date or completed."""
+    body: dict[str, Any] = {"title": f"Seed task {n} of {user.id}", "tags": seed_tags(n)}
     if n % 2 == 0:
         body["description"] = f"Description of seed task {n}; " * 3
     if n % 3 == 0:
@@ -356,6 +364,20 @@ def smoke(base: str, user: User, per_user: int) -> list[str]:
                 problems.append(
                     f"GET {path}?limit=50 -> X-Total-Count {resp.headers.get('x-total-count')!r}, expected {per_user}"
                 )
+        tag = TAGS[0]
+        tagged = sum(tag in seed_tags(n) for n in range(per_user))
+        resp = call("GET", f"{path}?limit=50&tag={tag}", 200)
+        if resp.status_code == 200:
+            items = resp.json()
+            if not isinstance(items, list) or len(items) != min(50, tagged):
+                problems.append(f"GET {path}?limit=50&tag={tag} -> body is not a list of {min(50, tagged)} tasks")
+            elif any(tag not in item.get("tags", []) for item in items):
+                problems.append(f"GET {path}?limit=50&tag={tag} -> a task without the tag: {resp.text[:300]}")
+            if resp.headers.get("x-total-count") != str(tagged):
+                problems.append(
+                    f"GET {path}?limit=50&tag={tag} -> X-Total-Count {resp.headers.get('x-total-count')!r},"
+                    f" expected {tagged}"
+                )
         resp = call("GET", task, 200)
         before = resp.json().get("completed") if resp.status_code == 200 else None
         resp = call("PATCH", f"{task}/complete", 200)
@@ -364,10 +386,12 @@ def smoke(base: str, user: User, per_user: int) -> list[str]:
         resp = call("PUT", task, 200, {"title": "smoke rename"})
         if resp.status_code == 200 and resp.json().get("title") != "smoke rename":
             problems.append(f"PUT {task} -> title not changed: {resp.text[:300]}")
-        resp = call("POST", path, 201, {"title": "smoke create", "description": "x"})
+        resp = call("POST", path, 201, {"title": "smoke create", "description": "x", "tags": list(TAGS[:2])})
         if resp.status_code == 201:
             if "location" not in resp.headers:
                 problems.append(f"POST {path} -> 201 without a Location header")
+            if resp.json().get("tags") != list(TAGS[:2]):
+                problems.append(f"POST {path} -> tags not kept: {resp.text[:300]}")
             created = f"{path}/{resp.json()['id']}"
             call("DELETE", created, 204)
             call("GET", created, 404)
@@ -584,7 +608,7 @@ def report(results: list[Result], args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"\nTodo API benchmark: {args.workers} worker(s), {args.connections} connections, "
         f"{args.duration:g}s x {args.runs} run(s), {args.users} users x {args.tasks_per_user} "
-        f"seeded tasks, mix 40 list / 20 get / 15 create / 15 toggle / 5 update / 5 delete\n"
+        f"seeded tasks, mix {MIX}\n"
     )
     print(table(rows))
     for r in results:

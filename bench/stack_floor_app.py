@@ -23,13 +23,17 @@ from sqlmodel import Session
 
 from bench.reference_app import (
     COLUMNS,
+    LIVE,
     SCHEMA,
+    TOTAL,
     UPDATABLE,
     HTTPError,
     authorize,
+    clean_tags,
     conninfo_from_env,
     json_response,
     on_http_error,
+    priority_rank,
     task_json,
 )
 from database import create_db_engine
@@ -40,20 +44,38 @@ engine = create_db_engine(normalize_database_url(conninfo_from_env()))
 
 
 # Statements are built once, as the service's are.
-LIST_PAGE = text(
-    f"SELECT {COLUMNS}, count(*) OVER () FROM tasks WHERE user_id = :user "
-    "ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset"
+# One page and one count for the plain list, one each for the tag filter (`tags`: the lower-cased keys).
+LIST_PAGE, TAGGED_PAGE = (
+    text(
+        f"SELECT {COLUMNS}, count(*) OVER () FROM tasks WHERE user_id = :user AND {LIVE}{tagged} "
+        "ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset"
+    )
+    for tagged in ("", " AND tag_keys @> :tags")
 )
-COUNT = text("SELECT count(*) FROM tasks WHERE user_id = :user")
+COUNT, TAGGED_COUNT = (
+    text(f"SELECT count(*) FROM tasks WHERE user_id = :user AND {LIVE}{tagged}")
+    for tagged in ("", " AND tag_keys @> :tags")
+)
 INSERT = text(
-    "INSERT INTO tasks (user_id, title, description, completed, due_date) "
-    f"VALUES (:user, :title, :description, :completed, :due_date) RETURNING {COLUMNS}"
+    "INSERT INTO tasks (user_id, title, description, completed, completed_at, priority, tags, tag_keys, due_date) "
+    "VALUES (:user, :title, :description, :completed, CASE WHEN :completed THEN now() END, :priority, :tags,"
+    f" :tag_keys, :due_date) RETURNING {COLUMNS}"
 )
-READ = text(f"SELECT {COLUMNS} FROM tasks WHERE id = :id AND user_id = :user")
-DELETE = text("DELETE FROM tasks WHERE id = :id AND user_id = :user RETURNING id")
+READ = text(f"SELECT {COLUMNS} FROM tasks WHERE id = :id AND user_id = :user AND {LIVE}")
+TRASH = text(
+    "UPDATE tasks SET deleted_at = now(), version = version + 1, updated_at = now()"
+    f" WHERE id = :id AND user_id = :user AND {LIVE} RETURNING id"
+)
+SET_COMPLETED_AT = "completed_at = CASE WHEN NOT :completed THEN NULL WHEN completed THEN completed_at ELSE now() END"
 SET_COMPLETED, TOGGLE = (
-    text(f"UPDATE tasks SET {change}, updated_at = now() WHERE id = :id AND user_id = :user RETURNING {COLUMNS}")
-    for change in ("completed = :completed", "completed = NOT completed")
+    text(
+        f"UPDATE tasks SET {change}, version = version + 1, updated_at = now()"
+        f" WHERE id = :id AND user_id = :user AND {LIVE} RETURNING {COLUMNS}"
+    )
+    for change in (
+        f"completed = :completed, {SET_COMPLETED_AT}",
+        "completed = NOT completed, completed_at = CASE WHEN completed THEN NULL ELSE now() END",
+    )
 )
 SELECT_ONE = text("SELECT 1")
 
@@ -67,10 +89,10 @@ def one_row(statement: Any, params: dict[str, Any]) -> Any:
 
 
 def found(row: Any, status: int = 200) -> Response:
-    """The task as JSON, or 404."""
+    """The task as JSON with its ETag, or 404."""
     if row is None:
         raise HTTPError(404, "Task not found", "task_not_found")
-    return json_response(task_json(row), status)
+    return json_response(task_json(row), status, {"ETag": f'"{row[11]}"'})
 
 
 JsonObject = Annotated[dict[str, Any] | None, Body()]
@@ -115,11 +137,14 @@ def health() -> Response:
 
 @app.get("/api/{user_id}/tasks")
 def list_tasks(request: Request, limit: int = 100, offset: int = 0) -> Response:
-    """Newest first, with `X-Total-Count`."""
+    """Live tasks newest first, `tag` (repeatable: all of them), with `X-Total-Count`."""
     user = authorize(request)
+    tag_keys = [tag.strip().lower() for tag in request.query_params.getlist("tag")]
+    page, count = (TAGGED_PAGE, TAGGED_COUNT) if tag_keys else (LIST_PAGE, COUNT)
+    params = {"user": user, "tags": tag_keys}
     with Session(engine) as session:
-        rows = session.exec(LIST_PAGE, params={"user": user, "limit": limit, "offset": offset}).all()  # type: ignore[call-overload]
-        total = rows[0][8] if rows else session.exec(COUNT, params={"user": user}).scalar_one()  # type: ignore[call-overload]
+        rows = session.exec(page, params=params | {"limit": limit, "offset": offset}).all()  # type: ignore[call-overload]
+        total = rows[0][TOTAL] if rows else session.exec(count, params=params).scalar_one()  # type: ignore[call-overload]
         session.commit()
     return json_response([task_json(row) for row in rows], headers={"X-Total-Count": str(total)})
 
@@ -132,6 +157,7 @@ def create_task(request: Request, data: JsonObject = None) -> Response:
     title = data.get("title")
     if not isinstance(title, str) or not 1 <= len(title.strip()) <= 200:
         raise HTTPError(422, "title must be 1-200 characters", "validation_error")
+    tags, tag_keys = clean_tags(data.get("tags", []))
     row = one_row(
         INSERT,
         {
@@ -139,6 +165,9 @@ def create_task(request: Request, data: JsonObject = None) -> Response:
             "title": title.strip(),
             "description": data.get("description"),
             "completed": bool(data.get("completed", False)),
+            "priority": priority_rank(data.get("priority", "none")),
+            "tags": tags,
+            "tag_keys": tag_keys,
             "due_date": data.get("due_date"),
         },
     )
@@ -160,20 +189,30 @@ def update_task(request: Request, task_id: int, data: JsonObject = None) -> Resp
     user = authorize(request)
     data = data or {}
     fields = [name for name in UPDATABLE if name in data]
+    params = {name: data[name] for name in fields} | {"id": task_id, "user": user}
+    assignments = [f"{name} = :{name}" for name in fields]
+    if "completed" in data:
+        assignments.append(SET_COMPLETED_AT)
+    if "priority" in data:
+        assignments.append("priority = :priority")
+        params["priority"] = priority_rank(data["priority"])
+    if "tags" in data:
+        assignments.append("tags = :tags, tag_keys = :tag_keys")
+        params["tags"], params["tag_keys"] = clean_tags(data["tags"])
     statement = READ
-    if fields:
-        assignments = ", ".join(f"{name} = :{name}" for name in fields)
+    if assignments:
         statement = text(
-            f"UPDATE tasks SET {assignments}, updated_at = now() WHERE id = :id AND user_id = :user RETURNING {COLUMNS}"
+            f"UPDATE tasks SET {', '.join(assignments)}, version = version + 1, updated_at = now()"
+            f" WHERE id = :id AND user_id = :user AND {LIVE} RETURNING {COLUMNS}"
         )
-    return found(one_row(statement, {name: data[name] for name in fields} | {"id": task_id, "user": user}))
+    return found(one_row(statement, params))
 
 
 @app.delete("/api/{user_id}/tasks/{task_id}")
 def delete_task(request: Request, task_id: int) -> Response:
-    """204, or 404."""
+    """To the trash: 204, or 404."""
     user = authorize(request)
-    if one_row(DELETE, {"id": task_id, "user": user}) is None:
+    if one_row(TRASH, {"id": task_id, "user": user}) is None:
         raise HTTPError(404, "Task not found", "task_not_found")
     return Response(status_code=204)
 

@@ -4,20 +4,23 @@
 --
 -- DATA.lua returns a list of users: { {id = "...", token = "...", tasks = {1, 2, ...}}, ... }
 -- (written by run.py after seeding). Every request picks a random user and:
---   40% list    GET    /api/{u}/tasks?limit=50
+--   30% list    GET    /api/{u}/tasks?limit=50
+--   10% tagged  GET    /api/{u}/tasks?limit=50&tag={one of TAGS}
 --   20% get     GET    /api/{u}/tasks/{seeded id}
---   15% create  POST   /api/{u}/tasks
+--   15% create  POST   /api/{u}/tasks   (two distinct tags of TAGS)
 --   15% toggle  PATCH  /api/{u}/tasks/{seeded id}/complete
 --    5% update  PUT    /api/{u}/tasks/{seeded id}   (new title)
---    5% delete  DELETE /api/{u}/tasks/{id created earlier by this thread}
+--    5% delete  DELETE /api/{u}/tasks/{id created earlier by this thread}   (to the trash)
 -- Seeded tasks are never deleted; a delete pops an id from this thread's pool of tasks it
 -- created (read from the 201 bodies in response()), so no request is expected to fail. While
 -- the pool is empty (the first few requests) a delete is sent as a create instead.
+-- TAGS must be run.py's TAGS (the seeded tasks carry the same vocabulary).
 -- done() prints one line "BENCH_RESULT {json}" with latency, counts and failure samples.
 
 local MIX = {
-  {"list", 40}, {"get", 20}, {"create", 15}, {"toggle", 15}, {"update", 5}, {"delete", 5},
+  {"list", 30}, {"tagged", 10}, {"get", 20}, {"create", 15}, {"toggle", 15}, {"update", 5}, {"delete", 5},
 }
+local TAGS = {"work", "home", "errands", "health", "finance", "family", "study", "travel"}
 local SLOTS = {}  -- 100 entries, one op name each, so math.random(100) draws the mix
 for _, entry in ipairs(MIX) do
   for _ = 1, entry[2] do SLOTS[#SLOTS + 1] = entry[1] end
@@ -56,6 +59,13 @@ local function random_task(u)
   return u.base .. "/" .. u.tasks[math.random(#u.tasks)]
 end
 
+-- Two distinct tags of TAGS, as a JSON array.
+local function two_tags()
+  local a, b = math.random(#TAGS), math.random(#TAGS - 1)
+  if b >= a then b = b + 1 end
+  return '["' .. TAGS[a] .. '","' .. TAGS[b] .. '"]'
+end
+
 function request()
   local op = SLOTS[math.random(100)]
   local u = users[math.random(#users)]
@@ -74,10 +84,12 @@ function request()
   counter = counter + 1
   if op == "list" then
     return wrk.format("GET", u.base .. "?limit=50", u.auth)
+  elseif op == "tagged" then
+    return wrk.format("GET", u.base .. "?limit=50&tag=" .. TAGS[math.random(#TAGS)], u.auth)
   elseif op == "get" then
     return wrk.format("GET", random_task(u), u.auth)
   elseif op == "create" then
-    local body = '{"title":"wrk task ' .. counter .. '","description":"created under load"}'
+    local body = '{"title":"wrk task ' .. counter .. '","description":"created under load","tags":' .. two_tags() .. '}'
     return wrk.format("POST", u.base, u.json, body)
   elseif op == "toggle" then
     return wrk.format("PATCH", random_task(u) .. "/complete", u.auth)
