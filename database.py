@@ -262,8 +262,11 @@ def transaction(session: Session) -> Iterator[Connection]:
     try:
         yield connection
     except BaseException:
-        with contextlib.suppress(sa_exc.DBAPIError):  # a connection that broke has rolled back already
-            connection.exec_driver_sql("ROLLBACK")
+        # A connection that broke has lost its transaction with it (and may not be used again until
+        # the session ends): the error it raised is the one to report, never a failed ROLLBACK.
+        if not connection.invalidated:
+            with contextlib.suppress(sa_exc.DBAPIError):
+                connection.exec_driver_sql("ROLLBACK")
         raise
     connection.exec_driver_sql("COMMIT")
 

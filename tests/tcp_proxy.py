@@ -9,7 +9,8 @@ class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; `stop()` drops every connection and refuses new ones.
 
     Setting `stalled` makes it go silent instead: connections stay open but nothing gets through,
-    as with a frozen database host or a network partition behind a load balancer.
+    as with a frozen database host or a network partition behind a load balancer. `cut_at` drops
+    everything at one exact moment: when the client next sends a given statement.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -19,6 +20,22 @@ class TcpProxy:
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
         self.stalled = threading.Event()
+        self._cut_marker: bytes | None = None
+        self._cut_after_sending = False
+
+    def cut_at(self, marker: bytes, after_sending: bool = False) -> None:
+        """Once: `stop()` as soon as the client sends data containing `marker` (a statement's text),
+        before it reaches the database, or just after when `after_sending` (its answer never comes back)."""
+        with self._lock:
+            self._cut_marker, self._cut_after_sending = marker, after_sending
+
+    def _cuts_here(self, data: bytes) -> bool | None:
+        """None to forward as usual; else whether to forward `data` before the cut."""
+        with self._lock:
+            if self._cut_marker is None or self._cut_marker not in data:
+                return None
+            self._cut_marker = None
+            return self._cut_after_sending
 
     def start(self) -> None:
         """Accept connections (on the same port as before, after a `stop`)."""
@@ -58,12 +75,18 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._connections += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, from_client in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(source, sink, from_client), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
+                forward_then_cut = self._cuts_here(data) if from_client else None
+                if forward_then_cut is not None:
+                    if forward_then_cut:
+                        sink.sendall(data)
+                    self.stop()
+                    return
                 if not self.stalled.is_set():
                     sink.sendall(data)
         except OSError:

@@ -5,7 +5,8 @@ path and body get the first response again (with `Idempotent-Replayed: true`) an
 the same key for another request is a 422; keys are per user, checked for their form, forgotten
 when they expire, and never remembered for a failed request. Under concurrency, and across two
 instances sharing one database, exactly one request does the work: the others get its response or a
-409, and the remembered keys always match the changes made.
+409, and the remembered keys always match the changes made, also when the database connection is
+cut between the task and its key or around the commit (PostgreSQL, through a proxy the test cuts).
 
 Every test runs against the real app over real HTTP, on SQLite and, when TEST_DATABASE_URL is set,
 on PostgreSQL; the database is read directly only to check what is remembered.
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, create_engine, func, select, text, update
+from sqlalchemy.engine import make_url
 
 from housekeeping import clean_up
 from idempotency import IDEMPOTENCY_LOCK_CLASS, Retryable, lock_key
@@ -29,6 +31,7 @@ from models import IdempotencyKey, utc_now
 from settings import Settings
 from tests.conftest import FRONTEND_ORIGIN, make_settings
 from tests.keys import JwksServer
+from tests.tcp_proxy import TcpProxy
 from tests.test_concurrency import describe, run_in_threads
 
 if TYPE_CHECKING:
@@ -663,3 +666,77 @@ def test_a_toggle_whose_key_cannot_be_remembered_leaves_the_task_as_it_was(
     assert toggled.status_code == 200 and "idempotent-replayed" not in toggled.headers
     assert (toggled.json()["completed"], toggled.json()["version"]) == (True, 2)
     assert remembered_keys(engine, user_id) == 1
+
+
+# --- The database connection cut at the worst moments ----------------------------------------------
+
+
+def stored_counts(database_url: str, user_id: str) -> tuple[int, int]:
+    """How many tasks and how many remembered keys the user has, read straight from the database."""
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as connection:
+            params = {"owner": user_id}
+            tasks = connection.execute(text("SELECT count(*) FROM tasks WHERE user_id = :owner"), params).scalar_one()
+            remembered = connection.execute(
+                text("SELECT count(*) FROM idempotency_keys WHERE user_id = :owner"), params
+            ).scalar_one()
+            return tasks, remembered
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.parametrize(
+    ("statement", "after_sending"),
+    [
+        pytest.param(b"INSERT INTO idempotency_keys", False, id="before-the-key-is-written"),
+        pytest.param(b"COMMIT", False, id="before-the-commit"),
+        pytest.param(b"COMMIT", True, id="with-the-commit-sent-and-its-answer-lost"),
+    ],
+)
+def test_a_connection_cut_mid_request_leaves_both_the_task_and_its_key_or_neither(
+    database_url: str,
+    jwks_server: JwksServer,
+    serve: Callable[..., "LiveServer"],
+    auth: Auth,
+    user_id: str,
+    statement: bytes,
+    after_sending: bool,
+) -> None:
+    """The task is written before its key: a cut between them, or around the commit, never keeps one alone.
+
+    The retry with the same key then ends with exactly one task: made now, or replayed if the commit went through.
+    """
+    url = make_url(database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy.start()
+    proxied_url = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    headers = with_key(auth, user_id, new_key())
+    try:
+        with (
+            serve(create_app(make_settings(proxied_url, jwks_server))) as live,
+            httpx.Client(base_url=live.url, timeout=30) as http,
+        ):
+            # The user's first task (and counter row) first, so the cut one takes the usual statements.
+            assert http.post(tasks_url(user_id), json={"title": "Before"}, headers=auth(user_id)).status_code == 201
+            proxy.cut_at(statement, after_sending=after_sending)
+            cut = http.post(tasks_url(user_id), json={"title": "Cut"}, headers=headers)
+            assert cut.status_code == 503, describe(cut)
+
+            proxy.start()
+            tasks, remembered = stored_counts(database_url, user_id)
+            assert (tasks - 1, remembered) in {(0, 0), (1, 1)}, (tasks, remembered)
+            if not after_sending:
+                assert (tasks, remembered) == (1, 0)
+
+            retry = http.post(tasks_url(user_id), json={"title": "Cut"}, headers=headers)
+            for _ in range(20):  # the pool may hand out a connection the cut broke: it is replaced
+                if retry.status_code != 503:
+                    break
+                retry = http.post(tasks_url(user_id), json={"title": "Cut"}, headers=headers)
+            assert retry.status_code == 201, describe(retry)
+            assert retry.headers.get("idempotent-replayed") == ("true" if remembered else None)
+            assert stored_counts(database_url, user_id) == (2, 1)
+    finally:
+        proxy.stop()
