@@ -110,12 +110,18 @@ def lock_key(retry: Retryable) -> int:
 
 
 def respond_once(
-    session: Session, retry: Retryable | None, ttl_seconds: int, respond: Callable[[], Response]
+    session: Session,
+    retry: Retryable | None,
+    ttl_seconds: int,
+    respond: Callable[[], Response],
+    check: Callable[[], None] | None = None,
 ) -> Response:
     """`respond()`'s response, or, for a repeat of a request already answered with a 2xx, that answer again.
 
     `respond` makes the change and its response (raising an ApiError when it fails); with a key it
     runs inside one transaction with the record of its response, and a failure leaves neither.
+    `check` raises the error the request would get without its key (a missing task, say): a `409`
+    for a key in use goes only to a request that would otherwise succeed.
     """
     if retry is None:
         return respond()
@@ -126,6 +132,8 @@ def respond_once(
                 CLAIM_KEY, params={"lock_class": IDEMPOTENCY_LOCK_CLASS, "lock_key": lock_key(retry)}
             ).scalar_one()
             if not claimed:
+                if check is not None:
+                    check()
                 raise key_in_use()
         now = utc_now()
         remembered = session.exec(READ_KEY, params=params).one_or_none()

@@ -9,7 +9,7 @@ from sqlalchemy import Select, and_, bindparam, func, not_, or_, select
 from auth import CurrentUserId
 from database import SessionDep
 from idempotency import REPLAYED, RetryableRequest, respond_once
-from models import TaskTag, UTCDateTime, utc_now
+from models import UTCDateTime, utc_now
 from responses import (
     ETAG_HEADER,
     NOT_MODIFIED,
@@ -42,6 +42,7 @@ from store import (
     IS_LIVE,
     NOW,
     READ_TASK,
+    READ_VERSION,
     TASK_COLUMNS,
     apply_change,
     change_statement,
@@ -53,6 +54,8 @@ from store import (
     page_total,
     precondition_failed,
     task_fields,
+    task_not_found,
+    task_tags,
 )
 
 router = APIRouter(
@@ -61,7 +64,6 @@ router = APIRouter(
     responses=error_responses(401, 403, 422, 503),
 )
 
-task_tags = TaskTag.__table__
 SORT_KEYS = {
     TaskSort.created: column.created_at,
     TaskSort.updated: column.updated_at,
@@ -334,6 +336,14 @@ def complete_task(
     def complete() -> Response:
         return task_response(found(apply_change(session, statement, owned | {"now": utc_now()}, versions)))
 
-    response = respond_once(session, retry, settings.idempotency_ttl_seconds, complete)
+    def would_complete() -> None:
+        """The 404 or 412 this toggle would get, for a repeat that finds its key in use."""
+        current = session.exec(READ_VERSION, params=owned).scalar_one_or_none()
+        if current is None:
+            raise task_not_found()
+        if versions is not None and current not in versions:
+            raise precondition_failed(current)
+
+    response = respond_once(session, retry, settings.idempotency_ttl_seconds, complete, would_complete)
     session.commit()
     return response

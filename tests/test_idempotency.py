@@ -63,6 +63,12 @@ def with_key(auth: Auth, user_id: str, key: str | bytes) -> dict[str, Any]:
     return auth(user_id) | {"Idempotency-Key": key}
 
 
+def json_of(response: httpx.Response, status_code: int) -> Any:
+    """The JSON body of a response that must have `status_code`."""
+    assert response.status_code == status_code, describe(response)
+    return response.json()
+
+
 def stored_tasks(client: httpx.Client, auth: Auth, user_id: str) -> list[dict[str, Any]]:
     """Every live task of the user, oldest first (fewer than 500 in these tests)."""
     response = client.get(tasks_url(user_id), params={"limit": 500, "order": "asc"}, headers=auth(user_id))
@@ -602,6 +608,32 @@ def test_a_repeat_while_the_first_is_in_progress_is_409_with_retry_after(
 
     created = client.post(tasks_url(user_id), json={"title": "Wait"}, headers=headers)
     assert created.status_code == 201 and "idempotent-replayed" not in created.headers
+
+
+@pytest.mark.postgresql_only
+def test_a_key_in_use_is_409_only_for_a_request_that_would_otherwise_succeed(
+    client: httpx.Client, auth: Auth, user_id: str, make_task: MakeTask, engine: Engine
+) -> None:
+    """A toggle of a missing or trashed task is its 404, and one with a stale If-Match its 412, key in use or not."""
+    task, trashed = make_task(user_id), make_task(user_id)
+    assert client.delete(tasks_url(user_id, trashed["id"]), headers=auth(user_id)).status_code == 204
+    key = new_key()
+    headers = with_key(auth, user_id, key)
+    lock = {"lock_class": IDEMPOTENCY_LOCK_CLASS, "lock_key": lock_key(Retryable(user_id, key, ""))}
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT pg_try_advisory_lock(:lock_class, :lock_key)"), lock).scalar_one()
+        try:
+            missing = client.patch(tasks_url(user_id, 10**15, "/complete"), headers=headers)
+            in_trash = client.patch(tasks_url(user_id, trashed["id"], "/complete"), headers=headers)
+            stale = client.patch(tasks_url(user_id, task["id"], "/complete"), headers=headers | {"If-Match": '"7"'})
+            current = client.patch(tasks_url(user_id, task["id"], "/complete"), headers=headers | {"If-Match": '"1"'})
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:lock_class, :lock_key)"), lock)
+    assert json_of(missing, 404) == TASK_NOT_FOUND
+    assert json_of(in_trash, 404) == TASK_NOT_FOUND
+    assert json_of(stale, 412)["code"] == "precondition_failed" and stale.headers["etag"] == '"1"'
+    assert json_of(current, 409)["code"] == "idempotency_key_in_use"
+    assert stored_tasks(client, auth, user_id) == [task]
 
 
 # --- Never a change without its key ---------------------------------------------------------------------------
