@@ -19,8 +19,8 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from database import DatabaseUnavailableError, transaction
-from models import IdempotencyKey, TaskTombstone, UTCDateTime, utc_now
-from store import column, counters, tasks
+from models import IdempotencyKey, UTCDateTime, utc_now
+from store import column, counters, tasks, tombstones
 
 logger = logging.getLogger("todo.housekeeping")
 
@@ -28,7 +28,6 @@ HOUSEKEEPING_LOCK_KEY = 7_105_300_118  # next to the schema lock's key
 CLAIM_ROUND = text("SELECT pg_try_advisory_xact_lock(:key)")
 BATCH = 500
 CUTOFF = bindparam("cutoff", type_=UTCDateTime())
-tombstones = TaskTombstone.__table__
 idempotency_keys = IdempotencyKey.__table__
 
 # Locked first, then deleted, like every write: a task's row before its user's counter. SKIP LOCKED

@@ -13,12 +13,14 @@ from sqlalchemy.sql.dml import Update
 from sqlmodel import Session
 
 from database import transaction
-from models import MAX_TASK_ID, Task, TaskCounter, UTCDateTime
+from models import MAX_TASK_ID, Task, TaskCounter, TaskTag, TaskTombstone, UTCDateTime
 from schemas import ApiError, TaskPublic
 
 tasks = Task.__table__
 column = tasks.c
 counters = TaskCounter.__table__
+task_tags = TaskTag.__table__
+tombstones = TaskTombstone.__table__
 
 # Every statement that returns tasks returns the public fields, in TaskPublic's order (see `task_fields`).
 TASK_FIELDS = tuple(TaskPublic.model_fields)

@@ -20,16 +20,14 @@ from sqlalchemy import Select, bindparam, false, null, select, true, union_all
 
 from auth import CurrentUserId
 from database import SessionDep
-from models import TaskTombstone
 from responses import as_json
 from schemas import ApiError, ChangesPage, ChangesQuery, DeletedTask, FeedTask, error_responses
-from store import TASK_COLUMNS, TASK_FIELDS, column, counters
+from store import TASK_COLUMNS, TASK_FIELDS, column, counters, tombstones
 
 router = APIRouter(
     prefix="/api/{user_id}/changes", tags=["changes"], responses=error_responses(401, 403, 410, 422, 503)
 )
 
-tombstones = TaskTombstone.__table__
 SINCE = bindparam("since")
 IS_USERS = column.user_id == bindparam("owner_id")
 CHANGED_TASKS = select(*TASK_COLUMNS, column.deleted_at, column.change_seq, false().label("gone"))

@@ -6,14 +6,12 @@ from sqlalchemy import bindparam, func, select
 
 from auth import CurrentUserId
 from database import SessionDep
-from models import TaskTag
 from responses import ETAG_HEADER, NOT_MODIFIED, IfNoneMatch, list_response
 from schemas import TagCount, error_responses
-from store import IS_LIVE, column, tasks
+from store import IS_LIVE, column, task_tags, tasks
 
 router = APIRouter(prefix="/api/{user_id}/tags", tags=["tags"], responses=error_responses(401, 403, 422, 503))
 
-task_tags = TaskTag.__table__
 TAG_COUNTS = TypeAdapter(list[TagCount])
 # One row per tag key: its spelling on the oldest live task that carries it, and how many live tasks do.
 USES = (
